@@ -1,0 +1,52 @@
+"""moezoo: a model zoo of specialised and multimodal Mixture-of-Experts models.
+
+Public API::
+
+    import moezoo
+    model = moezoo.create_model("vmoe_ti_digits", pretrained=True)
+    layer = moezoo.MoE(dim=512, hidden=2048, num_experts=8, router=moezoo.routers.TopKRouter(512, 8, k=2))
+"""
+
+from moezoo import kernels, layers, routers
+from moezoo.kernels import expert_mlp
+from moezoo.layers import MLP, MoE, aux_loss, routing_stats
+from moezoo.routers import (
+    BalancedAssignmentRouter,
+    BatchPrioritizedRouter,
+    ExpertChoiceRouter,
+    HashRouter,
+    Router,
+    Routing,
+    SigmoidRouter,
+    SinkhornRouter,
+    TopKRouter,
+)
+from moezoo.zoo import PretrainedCfg, create_model, list_models, load_checkpoint, register_model, save_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLP",
+    "BalancedAssignmentRouter",
+    "BatchPrioritizedRouter",
+    "ExpertChoiceRouter",
+    "HashRouter",
+    "MoE",
+    "PretrainedCfg",
+    "Router",
+    "Routing",
+    "SigmoidRouter",
+    "SinkhornRouter",
+    "TopKRouter",
+    "aux_loss",
+    "create_model",
+    "expert_mlp",
+    "kernels",
+    "layers",
+    "list_models",
+    "load_checkpoint",
+    "register_model",
+    "routers",
+    "routing_stats",
+    "save_checkpoint",
+]

@@ -1,0 +1,72 @@
+"""What every routed layer records, and the model-level helpers that collect it."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["RoutedLayer", "aux_loss", "routed_layers", "routing_stats"]
+
+
+class RoutedLayer(nn.Module):
+    """Base of layers that route (MoE, MoE attention): keeps the last forward's losses and stats.
+
+    Args:
+        aux_loss_weights: coefficient per auxiliary-loss name, used by :func:`aux_loss` when the
+            caller gives none. A loss without a coefficient is not added.
+    """
+
+    def __init__(self, aux_loss_weights: Mapping[str, float] | None = None) -> None:
+        super().__init__()
+        self.aux_loss_weights: dict[str, float] = dict(aux_loss_weights or {})
+        for name, value in self.aux_loss_weights.items():
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"aux_loss_weights[{name!r}] must be a number >= 0, got {value!r}")
+        self.last_losses: dict[str, Tensor] = {}
+        self.last_stats: dict[str, Tensor] = {}
+
+    def record(self, losses: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> None:
+        self.last_losses = dict(losses)
+        self.last_stats = {k: v.detach() for k, v in stats.items()}
+
+
+def routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:
+    """(qualified name, layer) of every routed layer in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, RoutedLayer)]
+
+
+def aux_loss(model: nn.Module, weights: Mapping[str, float] | None = None) -> Tensor:
+    """Sum over routed layers of ``weight[name] * loss[name]`` from each layer's last forward.
+
+    Args:
+        model: any module containing routed layers.
+        weights: coefficient per loss name for every layer; ``None`` uses each layer's own
+            ``aux_loss_weights``. Names without a coefficient contribute nothing.
+
+    Returns:
+        0-dim tensor (0.0 if there is nothing to add).
+    """
+    total: Tensor | None = None
+    for _, layer in routed_layers(model):
+        coefficients = layer.aux_loss_weights if weights is None else weights
+        for name, value in layer.last_losses.items():
+            c = coefficients.get(name, 0.0)
+            if c:
+                term = c * value
+                total = term if total is None else total + term
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=param.device if param is not None else None)
+    return total
+
+
+def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
+    """Per routed layer (by qualified name): its last forward's detached stats and loss values."""
+    out: dict[str, dict[str, Tensor]] = {}
+    for name, layer in routed_layers(model):
+        entry = dict(layer.last_stats)
+        entry.update({f"loss/{k}": v.detach() for k, v in layer.last_losses.items()})
+        out[name or type(layer).__name__] = entry
+    return out

@@ -1,0 +1,1 @@
+"""One sub-package per modality: ``model.py`` (plain modules), ``task.py`` (LightningModule), ``data.py``."""

@@ -1,0 +1,14 @@
+"""Vision: V-MoE on timm's ViT, the image classification task and image data."""
+
+from moezoo.modalities.vision.data import ImageDataModule, load_digits_splits
+from moezoo.modalities.vision.model import VMOE_LOSS_WEIGHTS, VisionTransformerMoE, moe_block_indices
+from moezoo.modalities.vision.task import ImageClassification
+
+__all__ = [
+    "ImageClassification",
+    "ImageDataModule",
+    "VMOE_LOSS_WEIGHTS",
+    "VisionTransformerMoE",
+    "load_digits_splits",
+    "moe_block_indices",
+]

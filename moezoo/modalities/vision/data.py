@@ -1,0 +1,147 @@
+"""``ImageDataModule``: a built-in offline image set (scikit-learn's digits) and folders of images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+__all__ = ["ImageDataModule", "load_digits_splits"]
+
+_BUILTIN = ("digits",)
+_SPLITS = ("train", "val", "test")
+
+
+def load_digits_splits(image_size: int = 16, seed: int = 0, val_fraction: float = 0.15,
+                       test_fraction: float = 0.15) -> dict[str, tuple[Tensor, Tensor]]:
+    """scikit-learn's 1,797 real handwritten 8x8 digits (UCI optdigits), no download needed.
+
+    Pixels 0..16 are scaled to [-1, 1] and resized (bilinear) to ``image_size``; the split is
+    stratified with ``seed`` (70/15/15 by default: 1,257 / 270 / 270 images).
+
+    Returns:
+        split name -> (images (N, 1, image_size, image_size) float32, labels (N,) int64).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0 * 2.0 - 1.0
+    if image_size != 8:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    index = torch.arange(len(labels)).numpy()
+    held_out = val_fraction + test_fraction
+    train_idx, rest_idx = train_test_split(index, test_size=held_out, stratify=labels.numpy(), random_state=seed)
+    val_idx, test_idx = train_test_split(
+        rest_idx, test_size=test_fraction / held_out, stratify=labels.numpy()[rest_idx], random_state=seed
+    )
+    return {name: (images[idx], labels[idx]) for name, idx in zip(_SPLITS, (train_idx, val_idx, test_idx))}
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images and labels for :class:`~moezoo.modalities.vision.ImageClassification`.
+
+    Args:
+        dataset: ``"digits"`` (built in, offline), or ``"folder"``: ``root`` holds ``train/``,
+            ``val/`` and optionally ``test/`` in torchvision ``ImageFolder`` layout.
+        root: dataset folder for ``"folder"``.
+        image_size: side length fed to the model.
+        batch_size: training batch size (also used for evaluation unless ``eval_batch_size``).
+        eval_batch_size: evaluation batch size.
+        num_workers: DataLoader workers.
+        seed: split seed (digits).
+        augment: random-resized-crop and flip style training augmentation (timm's
+            ``create_transform``) for folders; small random shifts for digits.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "digits",
+        root: str | None = None,
+        image_size: int = 16,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        augment: bool = False,
+    ) -> None:
+        super().__init__()
+        if dataset not in _BUILTIN + ("folder",):
+            raise ValueError(f"dataset must be one of {_BUILTIN + ('folder',)}, got {dataset!r}")
+        if dataset == "folder" and not root:
+            raise ValueError("dataset='folder' needs root=<folder with train/ and val/>")
+        if image_size < 1 or batch_size < 1:
+            raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
+        self.dataset, self.root = dataset, root
+        self.image_size, self.batch_size = image_size, batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers, self.seed, self.augment = num_workers, seed, augment
+        self.splits: dict[str, Dataset] = {}
+        self.save_hyperparameters()
+
+    @property
+    def num_classes(self) -> int:
+        return 10 if self.dataset == "digits" else len(self._folder("train").classes)
+
+    def _folder(self, split: str):
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        path = Path(self.root) / split
+        if not path.is_dir():
+            raise FileNotFoundError(f"ImageDataModule: {path} is not a folder of class sub-folders")
+        transform = create_transform(self.image_size, is_training=self.augment and split == "train")
+        return ImageFolder(str(path), transform=transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        if self.dataset == "digits":
+            data = load_digits_splits(self.image_size, self.seed)
+            self.splits = {name: TensorDataset(*tensors) for name, tensors in data.items()}
+        else:
+            root = Path(self.root)
+            self.splits = {s: self._folder(s) for s in _SPLITS if (root / s).is_dir()}
+            self.splits.setdefault("test", self.splits["val"])
+
+    def _shift(self, batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        images = torch.stack([b[0] for b in batch])
+        labels = torch.stack([b[1] for b in batch])
+        # Random translation by up to an eighth of the image, filled with the background value.
+        pad = max(self.image_size // 8, 1)
+        padded = F.pad(images, (pad, pad, pad, pad), value=-1.0)
+        out = torch.empty_like(images)
+        offsets = torch.randint(0, 2 * pad + 1, (len(batch), 2))
+        for i, (dy, dx) in enumerate(offsets.tolist()):
+            out[i] = padded[i, :, dy : dy + self.image_size, dx : dx + self.image_size]
+        return out, labels
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        collate = self._shift if (train and self.augment and self.dataset == "digits") else None
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

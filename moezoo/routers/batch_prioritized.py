@@ -1,0 +1,148 @@
+"""V-MoE's router: noisy top-k per group of tokens with Batch Prioritized Routing (BPR)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moezoo.routers import functional as RF
+from moezoo.routers import losses as L
+from moezoo.routers.base import Router, _optional_capacity, _require_float, _require_int, finish_routing
+from moezoo.routers.routing import Routing
+
+__all__ = ["BatchPrioritizedRouter"]
+
+_PRIORITIES = ("max", "sum")
+
+
+class BatchPrioritizedRouter(Router):
+    """V-MoE's ``NoisyTopExpertsPerItemRouter`` (Riquelme et al. 2021), faithful to google-research/vmoe.
+
+    1. ``logits = x @ W`` (no bias); in training ``noisy = logits + N(0, (noise_std / E)^2)``.
+    2. ``g = softmax(noisy)`` (clean logits at evaluation), then top-k; the combine weights are the
+       raw probabilities, not renormalised.
+    3. Tokens are routed in groups of ``group_size`` consecutive tokens (V-MoE: 8 images). Each
+       expert has ``ceil(k * group_size * C / E)`` places per group, rounded up to a multiple of
+       ``capacity_multiple_of``. All first choices claim places before any second choice; with
+       ``batch_priority`` tokens claim in order of priority (their largest probability, highest
+       first), otherwise in position order. Assignments past capacity are dropped.
+
+    Args:
+        dim: input feature size.
+        num_experts: E (paper: 32).
+        k: experts per token (paper: 2).
+        noise_std: the config value; the noise std is ``noise_std / E`` (V-MoE: 1.0 -> 1/E). 0 = no noise.
+        capacity_factor: C during training (paper: 1.05).
+        eval_capacity_factor: C at evaluation (None: same as training). Lowering it with BPR is
+            the paper's inference-compute knob.
+        batch_priority: Batch Prioritized Routing on/off (off = "vanilla" routing).
+        group_size: tokens per routing group (None: all tokens form one group). When the token
+            count is not a multiple, the trailing tokens form one smaller group.
+        capacity_multiple_of: V-MoE rounds capacity up to a multiple of 4.
+        priority: BPR score, ``"max"`` (the reference: top-1 probability) or ``"sum"`` (sum of
+            the top-k probabilities, the paper's alternative).
+
+    Losses (unweighted, averaged over groups): ``importance`` (clean softmax) always, ``load``
+    when noise is applied (training with ``noise_std > 0``). V-MoE weighs each by 0.005.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int = 32,
+        k: int = 2,
+        *,
+        noise_std: float = 1.0,
+        capacity_factor: float = 1.05,
+        eval_capacity_factor: float | None = None,
+        batch_priority: bool = True,
+        group_size: int | None = None,
+        capacity_multiple_of: int | None = 4,
+        priority: str = "max",
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(dim, num_experts, check_finite=check_finite)
+        self.k = _require_int("k", k)
+        if self.k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.noise_std = _require_float("noise_std", noise_std)
+        capacity = _optional_capacity("capacity_factor", capacity_factor)
+        if capacity is None:
+            raise ValueError("capacity_factor must be a number > 0, got None")
+        self.capacity_factor = capacity
+        self.eval_capacity_factor = _optional_capacity("eval_capacity_factor", eval_capacity_factor)
+        self.batch_priority = bool(batch_priority)
+        self.group_size = None if group_size is None else _require_int("group_size", group_size)
+        self.capacity_multiple_of = capacity_multiple_of
+        if priority not in _PRIORITIES:
+            raise ValueError(f"priority must be one of {_PRIORITIES}, got {priority!r}")
+        self.priority = priority
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, k={self.k}, noise_std={self.noise_std}, "
+            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+            f"batch_priority={self.batch_priority}, group_size={self.group_size}"
+        )
+
+    def current_capacity_factor(self) -> float:
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+    def _assign(self, probs: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        num_tokens, num_experts = probs.shape
+        capacity = RF.expert_capacity(
+            group_size,
+            num_experts,
+            self.k,
+            self.current_capacity_factor(),
+            multiple_of=self.capacity_multiple_of,
+        )
+        priority: bool | Tensor = self.batch_priority
+        if self.batch_priority and self.priority == "sum":
+            priority = RF.top_k(probs, self.k)[0].sum(dim=1)
+        return RF.top_k_assign(probs, self.k, capacity, priority, group_size=group_size)
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+        """Route x: (tokens, dim); tokens are grouped consecutively."""
+        self.check_input(x)
+        logits = self.compute_logits(x)
+        num_tokens, num_experts = logits.shape
+        sigma = self.noise_std / num_experts
+        noisy = self.training and sigma > 0
+        dispatch_logits = logits + sigma * torch.randn_like(logits) if noisy else logits
+        probs = torch.softmax(dispatch_logits, dim=-1)
+
+        group = min(self.group_size or num_tokens, num_tokens) or 1
+        full = (num_tokens // group) * group
+        token, expert, weight = self._assign(probs[:full], group)
+        if full < num_tokens:
+            t2, e2, w2 = self._assign(probs[full:], num_tokens - full)
+            token, expert, weight = torch.cat([token, t2 + full]), torch.cat([expert, e2]), torch.cat([weight, w2])
+
+        def per_group(t: Tensor) -> list[Tensor]:
+            parts = [t[:full].view(-1, group, num_experts)] if full else []
+            return parts + ([t[full:].unsqueeze(0)] if full < num_tokens else [])
+
+        def group_mean(loss_fn, *tensors: Tensor) -> Tensor:
+            # Per-group losses, averaged over groups (a smaller trailing group counts once).
+            chunks = list(zip(*(per_group(t) for t in tensors)))
+            values = [loss_fn(*c) * c[0].shape[0] for c in chunks]
+            return torch.stack(values).sum() / sum(c[0].shape[0] for c in chunks)
+
+        clean_probs = torch.softmax(logits, dim=-1) if noisy else probs
+        losses = {"importance": group_mean(L.importance_loss, clean_probs)}
+        if noisy:
+            losses["load"] = group_mean(lambda a, b: L.load_loss(a, b, sigma, self.k), logits, dispatch_logits)
+        return finish_routing(
+            token,
+            expert,
+            weight,
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            requested=num_tokens * self.k,
+            logits=logits,
+            probs=probs,
+            losses=losses,
+        )

@@ -1,0 +1,343 @@
+"""Routing math as pure functions: assignment with capacity, expert choice, Sinkhorn, Soft MoE.
+
+Every router in :mod:`moezoo.routers` calls these; they are public so the math can be checked
+and reused on its own. Semantics follow V-MoE's reference (google-research/vmoe, ``vmoe/moe.py``):
+all first choices take buffer places before any second choice, and with batch priority the tokens
+are ordered by their largest probability, highest first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "balanced_assignment",
+    "expert_capacity",
+    "expert_choice_assign",
+    "sinkhorn",
+    "soft_moe_weights",
+    "top_k",
+    "top_k_assign",
+]
+
+
+def expert_capacity(
+    num_tokens: int,
+    num_experts: int,
+    k: int,
+    capacity_factor: float,
+    *,
+    multiple_of: int | None = None,
+    rounding: str = "ceil",
+) -> int:
+    """Buffer places per expert, exactly as V-MoE's ``compute_capacity``.
+
+    ``(k * num_tokens) * capacity_factor / num_experts`` rounded by ``rounding`` ("ceil", or
+    "round" = Python's half-to-even), then up to a multiple of ``multiple_of`` (``None``/0: no
+    rounding; V-MoE uses ceil and 4). Not clipped to the number of tokens.
+
+    Raises:
+        ValueError: if the rounded capacity is below 1 (V-MoE raises too).
+    """
+    if capacity_factor <= 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    if multiple_of is not None and multiple_of < 0:
+        raise ValueError(f"multiple_of must be >= 0 or None, got {multiple_of}")
+    if rounding not in ("ceil", "round"):
+        raise ValueError(f"rounding must be 'ceil' or 'round', got {rounding!r}")
+    # Same float expression and order as the reference, so boundary cases round identically.
+    raw = (num_tokens * k) * capacity_factor / num_experts
+    capacity = int(math.ceil(raw)) if rounding == "ceil" else int(round(raw))
+    if capacity < 1:
+        raise ValueError(
+            f"expert capacity rounds to {capacity} (< 1) for tokens={num_tokens}, k={k}, "
+            f"capacity_factor={capacity_factor}, experts={num_experts}; increase capacity_factor"
+        )
+    if multiple_of:
+        capacity = math.ceil(capacity / multiple_of) * multiple_of
+    return capacity
+
+
+def _check_probs(probs: Tensor, name: str = "probs") -> None:
+    if probs.dim() != 2:
+        raise ValueError(f"{name} must have shape (tokens, experts), got shape {tuple(probs.shape)}")
+    if not probs.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {probs.dtype}")
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest along the last dim, ties to the lower index (as ``jax.lax.top_k``)."""
+    values, index = torch.sort(scores, dim=-1, descending=True, stable=True)
+    return values[..., :k], index[..., :k]
+
+
+def _rank_within_key(key: Tensor, num_keys: int) -> Tensor:
+    """For a sequence of integer keys (A,), the number of earlier entries with the same key."""
+    order = torch.sort(key, stable=True).indices
+    counts = torch.bincount(key, minlength=num_keys)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted
+    return rank
+
+
+def top_k_assign(
+    probs: Tensor,
+    k: int,
+    capacity: int | None = None,
+    batch_priority: bool | Tensor = False,
+    *,
+    keep: Tensor | None = None,
+    group_size: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Token-choice top-k assignment with optional expert capacity.
+
+    Args:
+        probs: (tokens, experts) routing probabilities (any scores; higher is preferred).
+        k: experts chosen per token, ``1 <= k <= experts``.
+        capacity: buffer places per expert (per group); assignments beyond it are dropped.
+            ``None`` keeps every assignment.
+        batch_priority: ``False`` fills buffers in token order; ``True`` orders tokens by their
+            largest probability, highest first (V-MoE's Batch Prioritized Routing); a (tokens,)
+            tensor gives the priority scores directly (highest first).
+        keep: optional (tokens, k) bool mask; a ``False`` choice is not dispatched and takes no
+            buffer place (GShard's random routing of the second expert).
+        group_size: route independent groups of this many consecutive tokens (V-MoE routes per
+            group of images); capacity and priority apply within each group. ``tokens`` must be a
+            multiple of it. ``None``: one group.
+
+    Returns:
+        token, expert, weight: (A,) each. Choice-major order: every token's first choice, then
+        every token's second choice, and so on. ``weight`` is ``probs[token, expert]`` itself
+        (differentiable), not renormalised.
+    """
+    _check_probs(probs)
+    num_tokens, num_experts = probs.shape
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must be in [1, num_experts={num_experts}], got k={k}")
+    if capacity is not None and capacity < 1:
+        raise ValueError(f"capacity must be >= 1 or None, got {capacity}")
+    group = num_tokens if group_size is None else group_size
+    if group < 1 or num_tokens % group != 0:
+        raise ValueError(f"group_size must divide the number of tokens ({num_tokens}), got {group_size}")
+    if keep is not None and keep.shape != (num_tokens, k):
+        raise ValueError(f"keep must have shape (tokens, k)=({num_tokens}, {k}), got {tuple(keep.shape)}")
+
+    values, index = top_k(probs, k)  # (T, k)
+    device = probs.device
+    token = torch.arange(num_tokens, device=device).unsqueeze(1).expand(num_tokens, k)
+    kept = torch.ones(num_tokens, k, dtype=torch.bool, device=device) if keep is None else keep.bool()
+
+    if capacity is not None:
+        num_groups = num_tokens // group
+        # Order of buffer claims inside each group: position order, or by priority score.
+        if isinstance(batch_priority, Tensor):
+            if batch_priority.shape != (num_tokens,):
+                raise ValueError(
+                    f"batch_priority scores must have shape (tokens,)=({num_tokens},), "
+                    f"got {tuple(batch_priority.shape)}"
+                )
+            scores = batch_priority.detach()
+        elif batch_priority:
+            scores = values[:, 0].detach()
+        else:
+            scores = None
+        local = torch.arange(group, device=device).expand(num_groups, group)
+        if scores is not None:
+            local = torch.sort(scores.view(num_groups, group), dim=1, descending=True, stable=True).indices
+        order = (local + torch.arange(num_groups, device=device).unsqueeze(1) * group)  # (G, S) token ids
+        # Claim sequence per group is choice-major: (G, k, S).
+        seq_token = order.unsqueeze(1).expand(num_groups, k, group)
+        seq_choice = torch.arange(k, device=device).view(1, k, 1).expand_as(seq_token)
+        seq_expert = index[seq_token, seq_choice]
+        seq_kept = kept[seq_token, seq_choice]
+        group_id = torch.arange(num_groups, device=device).view(-1, 1, 1).expand_as(seq_token)
+        # A choice that is not dispatched gets its own key so it takes no buffer place.
+        key = torch.where(seq_kept, group_id * num_experts + seq_expert, num_groups * num_experts)
+        rank = _rank_within_key(key.reshape(-1), num_groups * num_experts + 1).view_as(key)
+        within = seq_kept & (rank < capacity)
+        kept = torch.zeros_like(kept)
+        kept[seq_token, seq_choice] = within
+
+    # Choice-major flat order: (k, T).
+    mask = kept.t().reshape(-1)
+    return (
+        token.t().reshape(-1)[mask],
+        index.t().reshape(-1)[mask],
+        values.t().reshape(-1)[mask],
+    )
+
+
+def expert_choice_assign(probs: Tensor, capacity: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Expert-choice assignment: every expert takes its ``capacity`` highest-probability tokens.
+
+    Args:
+        probs: (tokens, experts) routing probabilities.
+        capacity: tokens per expert, ``1 <= capacity <= tokens``.
+
+    Returns:
+        token, expert, weight: (experts * capacity,) each, expert-major; weight = probs[token, expert].
+    """
+    _check_probs(probs)
+    num_tokens, num_experts = probs.shape
+    if not 1 <= capacity <= num_tokens:
+        raise ValueError(f"capacity must be in [1, tokens={num_tokens}], got {capacity}")
+    values, index = top_k(probs.t(), capacity)  # (E, C)
+    expert = torch.arange(num_experts, device=probs.device).repeat_interleave(capacity)
+    return index.reshape(-1), expert, values.reshape(-1)
+
+
+def sinkhorn(logits: Tensor, num_iters: int = 100, tol: float = 1e-4) -> Tensor:
+    """Balance ``exp(logits)`` so rows sum to ``1/tokens`` and columns to ``1/experts``.
+
+    Alternating row and column scaling (Sinkhorn-Knopp) in log space, stopped after ``num_iters``
+    or when the column marginals change by less than ``tol`` (relative, mean absolute).
+
+    Args:
+        logits: (tokens, experts).
+
+    Returns:
+        (tokens, experts) non-negative transport plan; the columns sum exactly to ``1/experts``
+        and the rows approximately to ``1/tokens``.
+    """
+    _check_probs(logits, "logits")
+    num_tokens, num_experts = logits.shape
+    log_p = logits.float()
+    log_row = -math.log(num_tokens)
+    log_col = -math.log(num_experts)
+    u = torch.zeros(num_tokens, 1, device=logits.device)
+    v = torch.zeros(1, num_experts, device=logits.device)
+    for _ in range(num_iters):
+        u = log_row - torch.logsumexp(log_p + v, dim=1, keepdim=True)
+        v_new = log_col - torch.logsumexp(log_p + u, dim=0, keepdim=True)
+        change = (v_new.exp() - v.exp()).abs().mean() * num_experts
+        v = v_new
+        if change < tol:
+            break
+    return torch.exp(log_p + u + v)
+
+
+def balanced_assignment(scores: Tensor, capacity: int | None = None, eps: float | None = None) -> Tensor:
+    """Assign each token one expert, at most ``capacity`` tokens per expert, maximising the total score.
+
+    The linear assignment of BASE layers (Lewis et al. 2021), solved with Bertsekas' auction
+    algorithm with epsilon scaling. Each expert offers ``capacity`` places with their own prices;
+    every unassigned token bids for the cheapest place of its best expert, and each expert gives
+    that place to its highest bidder. The total score is within ``tokens * eps`` of the optimum,
+    so it is exact when ``eps`` is below the smallest gap between distinct totals over ``tokens``.
+
+    Args:
+        scores: (tokens, experts) affinities.
+        capacity: places per expert; default ``ceil(tokens / experts)`` (balanced).
+        eps: final bid increment; default ``1e-3 * (max - min score) / tokens``, so the total is
+            within 0.1% of the score range of the optimum.
+
+    Returns:
+        (tokens,) int64 expert index per token.
+    """
+    _check_probs(scores, "scores")
+    num_tokens, num_experts = scores.shape
+    capacity = math.ceil(num_tokens / num_experts) if capacity is None else capacity
+    if capacity < 1 or capacity * num_experts < num_tokens:
+        raise ValueError(
+            f"capacity={capacity} x experts={num_experts} cannot hold tokens={num_tokens}"
+        )
+    device = scores.device
+    # Dummy tokens of equal value everywhere fill the spare places: the forward auction is only
+    # optimal when places and bidders are equally many.
+    num_bidders = capacity * num_experts
+    value = torch.zeros(num_bidders, num_experts, dtype=torch.float64, device=device)
+    value[:num_tokens] = scores.detach().double()
+    spread = max(float(value.max() - value.min()), 1e-12)
+    final_eps = eps if eps is not None else spread * 1e-3 / max(num_tokens, 1)
+    price = torch.zeros(num_experts, capacity, dtype=torch.float64, device=device)
+    bid_eps = max(spread / 4, final_eps)
+    while True:
+        # Each epsilon phase restarts the assignment but keeps the prices (epsilon scaling).
+        owner = torch.full((num_experts, capacity), -1, dtype=torch.long, device=device)
+        assigned = torch.full((num_bidders,), -1, dtype=torch.long, device=device)
+        while True:
+            free = (assigned < 0).nonzero().squeeze(1)
+            if free.numel() == 0:
+                break
+            sorted_price, slot_order = torch.sort(price, dim=1)
+            cheapest = sorted_price[:, 0]
+            net = value[free] - cheapest  # (F, E)
+            if num_experts > 1:
+                top2 = torch.topk(net, 2, dim=1)
+                best, w1, w2 = top2.indices[:, 0], top2.values[:, 0], top2.values[:, 1]
+            else:
+                best = torch.zeros_like(free)
+                w1 = net[:, 0]
+                w2 = torch.full_like(w1, -math.inf)
+            if capacity > 1:  # the same expert's second-cheapest place is an alternative too
+                w2 = torch.maximum(w2, value[free, best] - sorted_price[best, 1])
+            w2 = torch.where(torch.isinf(w2), w1 - spread, w2)
+            bid = cheapest[best] + (w1 - w2) + bid_eps
+            # Each expert hands its cheapest places to its highest bidders, in order, while the
+            # bid beats the place's price (ties: lowest token index, from the stable sorts).
+            by_bid = torch.sort(bid, descending=True, stable=True).indices
+            by_expert = by_bid[torch.sort(best[by_bid], stable=True).indices]
+            rank = torch.empty_like(by_expert)
+            rank[by_expert] = _rank_within_key(best[by_expert], num_experts)
+            ok = rank < capacity
+            slot_rank = rank.clamp(max=capacity - 1)
+            ok &= bid > sorted_price[best, slot_rank]
+            ok[rank == 0] = True
+            token, expert, slot = free[ok], best[ok], slot_order[best[ok], slot_rank[ok]]
+            previous = owner[expert, slot]
+            assigned[previous[previous >= 0]] = -1
+            owner[expert, slot] = token
+            assigned[token] = expert
+            price[expert, slot] = bid[ok]
+        if bid_eps <= final_eps:
+            return assigned[:num_tokens]
+        bid_eps = max(bid_eps / 8, final_eps)
+
+
+def _l2_normalize(t: Tensor, dim: int, eps: float = 1e-6) -> Tensor:
+    return t * torch.rsqrt(t.pow(2).sum(dim=dim, keepdim=True) + eps)
+
+
+def soft_moe_weights(x: Tensor, mu: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Soft MoE dispatch and combine weights (Puigcerver et al. 2023), as vmoe's ``SoftRouter``.
+
+    Tokens and slot parameters are L2-normalised over ``dim``; the learned ``scale`` multiplies
+    whichever of the two normalised tensors is smaller; logits are their dot products.
+
+    Args:
+        x: (groups, tokens, dim) token representations.
+        mu: (dim, experts, slots) slot parameters.
+        scale: 0-dim learnable scale.
+
+    Returns:
+        dispatch: (groups, tokens, experts, slots), softmax over tokens (each slot is a convex
+            combination of tokens).
+        combine: (groups, tokens, experts, slots), softmax over all experts x slots (each token is
+            a convex combination of slot outputs).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (groups, tokens, dim), got shape {tuple(x.shape)}")
+    if mu.dim() != 3 or mu.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"mu must have shape (dim={x.shape[-1]}, experts, slots), got shape {tuple(mu.shape)}"
+        )
+    if scale.dim() != 0:
+        raise ValueError(f"scale must be a 0-dim tensor, got shape {tuple(scale.shape)}")
+    x_n = _l2_normalize(x.float(), dim=-1)
+    mu_n = _l2_normalize(mu.float(), dim=0)
+    # The reference compares whole-array sizes (groups included); on a tie mu is scaled.
+    if x_n.numel() < mu_n.numel():
+        x_n = x_n * scale
+    else:
+        mu_n = mu_n * scale
+    logits = torch.einsum("gmd,dnp->gmnp", x_n, mu_n)
+    dispatch = torch.softmax(logits, dim=1)
+    groups, tokens, experts, slots = logits.shape
+    combine = torch.softmax(logits.reshape(groups, tokens, experts * slots), dim=-1)
+    return dispatch, combine.view(groups, tokens, experts, slots)
+

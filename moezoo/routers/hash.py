@@ -1,0 +1,78 @@
+"""Hash routing (Roller et al. 2021): a fixed hash of the token id or position picks the expert."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moezoo.routers.base import _require_int, finish_routing
+from moezoo.routers.routing import Routing
+
+__all__ = ["HashRouter"]
+
+_KEYS = ("token", "position")
+_MIX = 0x9E3779B1  # Knuth's multiplicative-hash constant (2^32 / golden ratio)
+
+
+def hash_to_expert(ids: Tensor, num_experts: int, seed: int = 0) -> Tensor:
+    """Deterministic, well-mixed map of non-negative int ids (any shape) to ``[0, num_experts)``."""
+    h = (ids.long() + seed * 0x632BE5AB) & 0xFFFFFFFF
+    h = (h * _MIX) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h = h ^ (h >> 13)
+    return h % num_experts
+
+
+class HashRouter(nn.Module):
+    """Routes each token to one expert by a fixed hash, with weight 1; nothing is learned.
+
+    Args:
+        dim: input feature size (checked, otherwise unused).
+        num_experts: E.
+        key: ``"token"`` hashes the token id (``token_ids`` must be given to forward, e.g. through
+            ``MoE(x, token_ids=ids)``), ``"position"`` the position in the sequence.
+        seed: changes the hash function.
+
+    Losses: none.
+    """
+
+    def __init__(self, dim: int, num_experts: int, *, key: str = "token", seed: int = 0) -> None:
+        super().__init__()
+        self.dim = _require_int("dim", dim)
+        self.num_experts = _require_int("num_experts", num_experts)
+        if key not in _KEYS:
+            raise ValueError(f"key must be one of {_KEYS}, got {key!r}")
+        self.key = key
+        self.seed = _require_int("seed", seed, low=0)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, key={self.key}"
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+        """Route x: (tokens, dim) by token_ids or positions, each (tokens,) int64."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"HashRouter: x must have shape (tokens, dim={self.dim}), got {tuple(x.shape)}")
+        ids = token_ids if self.key == "token" else positions
+        if ids is None:
+            raise ValueError(
+                f"HashRouter(key={self.key!r}) needs {'token_ids' if self.key == 'token' else 'positions'} "
+                "of shape (tokens,); pass token_ids to the MoE layer's forward"
+            )
+        ids = ids.reshape(-1)
+        if ids.numel() != x.shape[0] or ids.dtype.is_floating_point:
+            raise ValueError(f"HashRouter: ids must be {x.shape[0]} integers, got {ids.numel()} of {ids.dtype}")
+        num_tokens = x.shape[0]
+        expert = hash_to_expert(ids.to(x.device), self.num_experts, self.seed)
+        token = torch.arange(num_tokens, device=x.device)
+        return finish_routing(
+            token,
+            expert,
+            x.new_ones(num_tokens, dtype=torch.float32),
+            num_tokens=num_tokens,
+            num_experts=self.num_experts,
+            requested=num_tokens,
+            logits=None,
+            probs=None,
+            losses={},
+        )

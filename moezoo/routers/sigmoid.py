@@ -1,0 +1,84 @@
+"""Sigmoid-score routing (σ-MoE, DeepSeek-V3) with optional auxiliary-loss-free balancing."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moezoo.routers import functional as RF
+from moezoo.routers import losses as L
+from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.routers.routing import Routing
+
+__all__ = ["SigmoidRouter"]
+
+
+class SigmoidRouter(Router):
+    """Each token picks the k experts with the highest ``sigmoid(logit) + bias``; its weights are
+    the sigmoid scores themselves (``normalize``: rescaled to sum to 1, as DeepSeek-V3).
+
+    Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): the per-expert ``bias``
+    (a buffer, used only for selection, never in the weights) is updated after every training
+    forward by ``bias += bias_update_rate * sign(mean load - load_e)``, so an overloaded expert
+    becomes less attractive. ``bias_update_rate=0`` disables it.
+
+    Args:
+        dim: input feature size.
+        num_experts: E.
+        k: experts per token.
+        normalize: rescale each token's k weights to sum to 1.
+        bias_update_rate: u of the loss-free balancing (paper: 1e-3).
+
+    Losses: ``load_balancing`` on the scores normalised over experts (DeepSeek-V3's complementary
+    balance loss), ``z_loss``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        normalize: bool = False,
+        bias_update_rate: float = 0.0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(dim, num_experts, check_finite=check_finite)
+        self.k = _require_int("k", k)
+        if self.k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.normalize = bool(normalize)
+        self.bias_update_rate = _require_float("bias_update_rate", bias_update_rate)
+        self.register_buffer("bias", torch.zeros(num_experts))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, bias_update_rate={self.bias_update_rate}"
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+        """Route x: (tokens, dim)."""
+        self.check_input(x)
+        logits = self.compute_logits(x)
+        num_tokens, num_experts = logits.shape
+        scores = torch.sigmoid(logits)
+        index = RF.top_k(scores.detach() + self.bias, self.k)[1]
+        token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(index)
+        token, expert = token.t().reshape(-1), index.t().reshape(-1)
+        weight = scores[token, expert]
+        if self.normalize:
+            weight = weight / scores.gather(1, index).sum(dim=1)[token]
+        if self.training and self.bias_update_rate > 0:
+            with torch.no_grad():
+                load = torch.bincount(expert, minlength=num_experts).float()
+                self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        share = scores / scores.sum(dim=-1, keepdim=True)
+        return finish_routing(
+            token,
+            expert,
+            weight,
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            requested=num_tokens * self.k,
+            logits=logits,
+            probs=share,
+            losses={"load_balancing": L.load_balancing_loss(share, index), "z_loss": L.z_loss(logits)},
+        )

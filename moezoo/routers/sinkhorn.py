@@ -1,0 +1,72 @@
+"""Sinkhorn routing (S-BASE, Clark et al. 2022): top-k on a Sinkhorn-balanced routing matrix."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moezoo.routers import functional as RF
+from moezoo.routers import losses as L
+from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.routers.routing import Routing
+
+__all__ = ["SinkhornRouter"]
+
+
+class SinkhornRouter(Router):
+    """In training, experts are chosen by top-k of ``sinkhorn(logits)`` (rows and columns balanced),
+    which spreads tokens evenly without an auxiliary loss; at evaluation by top-k of the logits. The
+    weights are always the plain softmax probabilities of the chosen experts.
+
+    Args:
+        dim: input feature size.
+        num_experts: E.
+        k: experts per token.
+        num_iters: maximum Sinkhorn iterations.
+        tol: stop when the column scaling changes by less than this.
+
+    Losses: ``z_loss``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 1,
+        *,
+        num_iters: int = 100,
+        tol: float = 1e-4,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(dim, num_experts, check_finite=check_finite)
+        self.k = _require_int("k", k)
+        if self.k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.num_iters = _require_int("num_iters", num_iters)
+        self.tol = _require_float("tol", tol)
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+        """Route x: (tokens, dim)."""
+        self.check_input(x)
+        logits = self.compute_logits(x)
+        num_tokens, num_experts = logits.shape
+        probs = torch.softmax(logits, dim=-1)
+        if self.training:
+            with torch.no_grad():
+                selection = RF.sinkhorn(logits, self.num_iters, self.tol)
+        else:
+            selection = probs.detach()
+        index = RF.top_k(selection, self.k)[1]
+        token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(index)
+        token, expert = token.t().reshape(-1), index.t().reshape(-1)
+        return finish_routing(
+            token,
+            expert,
+            probs[token, expert],
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            requested=num_tokens * self.k,
+            logits=logits,
+            probs=probs,
+            losses={"z_loss": L.z_loss(logits)},
+        )

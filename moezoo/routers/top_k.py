@@ -1,0 +1,149 @@
+"""Token-choice top-k routing: Switch (k=1), GShard, Shazeer's noisy top-k, Mixtral."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moezoo.routers import functional as RF
+from moezoo.routers import losses as L
+from moezoo.routers.base import Router, _optional_capacity, _require_float, _require_int, finish_routing
+from moezoo.routers.routing import Routing
+
+__all__ = ["TopKRouter"]
+
+_ORDERS = ("softmax_topk", "topk_softmax")
+
+
+class TopKRouter(Router):
+    """Each token picks its k highest-scoring experts.
+
+    Args:
+        dim: input feature size.
+        num_experts: number of experts E.
+        k: experts per token (Switch Transformer is ``k=1``).
+        order: ``"softmax_topk"`` (GShard, Switch, V-MoE: softmax over all experts, then top-k;
+            weights are those probabilities) or ``"topk_softmax"`` (Mixtral: top-k logits, then a
+            softmax over just those, so each token's weights sum to 1).
+        normalize: with ``softmax_topk``, rescale each token's top-k probabilities to sum to 1.
+        capacity_factor: training capacity C (places per expert ``ceil(k*tokens*C/E)``); beyond it
+            assignments are dropped in token order, all first choices before second choices.
+            ``None``: no capacity, nothing dropped.
+        eval_capacity_factor: C at evaluation; ``None`` uses ``capacity_factor``.
+        capacity_multiple_of: round capacity up to this multiple.
+        jitter: Switch's input jitter: in training, x is multiplied by U(1-jitter, 1+jitter).
+        noisy: Shazeer et al. 2017's noisy top-k gating: in training the logits get Gaussian noise
+            with a learned per-expert std ``softplus(x @ W_noise)``; adds the importance and load
+            losses.
+        random_second: GShard's random routing (k=2, training): the second expert is used with
+            probability ``min(1, 2 * w2)``, w2 its weight renormalised over the top two.
+
+    Losses (unweighted): ``load_balancing`` (Switch/GShard) and ``z_loss`` always; ``importance``
+    and ``load`` when ``noisy``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int = 2,
+        *,
+        order: str = "softmax_topk",
+        normalize: bool = False,
+        capacity_factor: float | None = None,
+        eval_capacity_factor: float | None = None,
+        capacity_multiple_of: int | None = None,
+        jitter: float = 0.0,
+        noisy: bool = False,
+        random_second: bool = False,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(dim, num_experts, check_finite=check_finite)
+        self.k = _require_int("k", k)
+        if self.k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+        if random_second and self.k != 2:
+            raise ValueError(f"random_second (GShard) needs k=2, got k={k}")
+        self.order = order
+        self.normalize = bool(normalize)
+        self.capacity_factor = _optional_capacity("capacity_factor", capacity_factor)
+        self.eval_capacity_factor = _optional_capacity("eval_capacity_factor", eval_capacity_factor)
+        self.capacity_multiple_of = capacity_multiple_of
+        self.jitter = _require_float("jitter", jitter)
+        if self.jitter >= 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        self.random_second = bool(random_second)
+        self.noise = nn.Linear(dim, num_experts, bias=False) if noisy else None
+        if self.noise is not None:
+            nn.init.zeros_(self.noise.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, k={self.k}, order={self.order}, normalize={self.normalize}, "
+            f"capacity_factor={self.capacity_factor}, noisy={self.noise is not None}"
+        )
+
+    def current_capacity_factor(self) -> float | None:
+        if not self.training and self.eval_capacity_factor is not None:
+            return self.eval_capacity_factor
+        return self.capacity_factor
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+        """Route x: (tokens, dim)."""
+        self.check_input(x)
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.compute_logits(x)
+        num_tokens, num_experts = logits.shape
+        losses: dict[str, Tensor] = {}
+
+        select_logits = logits
+        if self.noise is not None and self.training:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                noise_std = F.softplus(F.linear(x.float(), self.noise.weight.float())) + 1e-2
+            select_logits = logits + torch.randn_like(logits) * noise_std
+            losses["load"] = L.load_loss(logits, select_logits, noise_std, self.k)
+        probs = torch.softmax(select_logits, dim=-1)
+
+        top_index = RF.top_k(probs, self.k)[1]
+        keep = None
+        if self.random_second and self.training:
+            top2 = probs.gather(1, top_index)
+            second = top2[:, 1] / top2.sum(dim=1)
+            keep = torch.ones_like(top_index, dtype=torch.bool)
+            keep[:, 1] = torch.rand_like(second) < 2.0 * second.detach()
+
+        factor = self.current_capacity_factor()
+        capacity = None
+        if factor is not None:
+            capacity = RF.expert_capacity(
+                num_tokens, num_experts, self.k, factor, multiple_of=self.capacity_multiple_of
+            )
+        token, expert, weight = RF.top_k_assign(probs, self.k, capacity, keep=keep)
+
+        if self.order == "topk_softmax":
+            # Mixtral: softmax over the selected logits only.
+            top_lse = torch.logsumexp(select_logits.gather(1, top_index), dim=1)
+            weight = torch.exp(select_logits[token, expert] - top_lse[token])
+        elif self.normalize:
+            weight = weight / probs.gather(1, top_index).sum(dim=1)[token]
+
+        losses["load_balancing"] = L.load_balancing_loss(probs, top_index)
+        losses["z_loss"] = L.z_loss(logits)
+        if self.noise is not None:
+            gates = torch.zeros_like(probs).index_put((token, expert), weight, accumulate=True)
+            losses["importance"] = L.importance_loss(gates)
+        return finish_routing(
+            token,
+            expert,
+            weight,
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            requested=num_tokens * self.k,
+            logits=logits,
+            probs=probs,
+            losses=losses,
+        )

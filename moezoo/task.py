@@ -1,0 +1,124 @@
+"""What every moezoo LightningModule shares: the optimiser and schedule, aux losses, routing logs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from moezoo.layers.routed import aux_loss, routed_layers
+
+__all__ = ["MoETask"]
+
+
+class MoETask(L.LightningModule):
+    """Base task: AdamW with decoupled weight decay (not on biases, norms, embeddings), linear warmup
+    then cosine decay per step, the model's weighted auxiliary routing losses added to the objective,
+    and routing statistics logged every ``log_routing_every_n_steps`` training steps.
+
+    Args:
+        model: the network (a plain ``nn.Module`` from a modality's ``model.py``).
+        lr: peak learning rate.
+        weight_decay: AdamW decoupled weight decay on matrices (ndim >= 2).
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps.
+        min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``; 1.0 keeps lr constant.
+        aux_loss_weights: coefficient per routing-loss name for every layer; None uses each
+            layer's own coefficients (e.g. V-MoE's 0.005 importance + 0.005 load).
+        log_routing_every_n_steps: how often routing statistics are logged in training.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+        aux_loss_weights: dict[str, float] | None = None,
+        log_routing_every_n_steps: int = 50,
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if log_routing_every_n_steps < 1:
+            raise ValueError(f"log_routing_every_n_steps must be >= 1, got {log_routing_every_n_steps}")
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
+        self.aux_loss_weights = None if aux_loss_weights is None else dict(aux_loss_weights)
+        self.log_routing_every_n_steps = log_routing_every_n_steps
+        self.save_hyperparameters(ignore=["model"])
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # -- objective -----------------------------------------------------------------------------
+    def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor:
+        """``main_loss`` plus the weighted routing losses of the last forward; logs both."""
+        aux = aux_loss(self.model, self.aux_loss_weights)
+        batch_size = getattr(self, "_batch_size", None)
+        self.log(f"{stage}/aux_loss", aux.detach(), batch_size=batch_size)
+        return main_loss + aux
+
+    def log_routing(self, stage: str) -> None:
+        """Log routing summaries averaged over layers (drop fraction, entropy, load CV, each loss)."""
+        layers = routed_layers(self.model)
+        if not layers:
+            return
+        totals: dict[str, list[Tensor]] = {}
+        for _, layer in layers:
+            stats = layer.last_stats
+            if "tokens_per_expert" in stats:
+                load = stats["tokens_per_expert"].float()
+                totals.setdefault("load_cv", []).append(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
+            for key in ("dropped_fraction", "unrouted_fraction", "entropy"):
+                if key in stats:
+                    totals.setdefault(key, []).append(stats[key].float())
+            for key, value in layer.last_losses.items():
+                totals.setdefault(f"loss_{key}", []).append(value.detach().float())
+        for key, values in totals.items():
+            self.log(f"{stage}/routing/{key}", torch.stack(values).mean(), batch_size=getattr(self, "_batch_size", None))
+
+    def maybe_log_routing(self) -> None:
+        if self.global_step % self.log_routing_every_n_steps == 0:
+            self.log_routing("train")
+
+    # -- optimisation --------------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, total_steps: int):
+        warmup, floor = self.warmup_steps, self.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        return factor
+
+    @staticmethod
+    def stage_metrics(metrics: Mapping[str, Tensor]) -> dict[str, float]:
+        return {k: float(v) for k, v in metrics.items()}

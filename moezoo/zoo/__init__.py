@@ -1,0 +1,18 @@
+"""The zoo: registry, pretrained entries and checkpoint IO."""
+
+from moezoo.zoo.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint, sha256_of
+from moezoo.zoo.registry import ModelEntry, PretrainedCfg, create_model, get_entry, list_models, register_model
+
+__all__ = [
+    "CheckpointError",
+    "ModelEntry",
+    "PretrainedCfg",
+    "create_model",
+    "get_entry",
+    "list_models",
+    "load_checkpoint",
+    "read_state_dict",
+    "register_model",
+    "save_checkpoint",
+    "sha256_of",
+]

@@ -1,0 +1,171 @@
+"""The model registry: ``register_model``, ``create_model``, ``list_models`` (timm-style)."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moezoo.zoo.checkpoint import CheckpointError, load_checkpoint
+
+__all__ = ["ModelEntry", "PretrainedCfg", "create_model", "get_entry", "list_models", "register_model"]
+
+_SOURCE_KINDS = ("package", "hf-hub", "url", "file")
+
+
+@dataclass(frozen=True)
+class PretrainedCfg:
+    """Where a zoo entry's weights come from and what they expect.
+
+    Args:
+        source: ``"package:<path inside moezoo/zoo>"`` (shipped with moezoo),
+            ``"hf-hub:<repo id>[:<filename>]"`` (through huggingface_hub, honouring HF_HUB_OFFLINE
+            and its cache), ``"url:<https address>"`` or ``"file:<local path>"``.
+        sha256: hex digest of the weights file (checked before loading), or None.
+        license: license of the weights.
+        input_spec: what the model expects (image size and normalisation, sample rate, context
+            length, tokenizer, ...).
+        card: model card path relative to the repository (``model_cards/<entry>.md``).
+        metrics: headline evaluation figures (copied from the card's evaluation JSON).
+    """
+
+    source: str
+    sha256: str | None = None
+    license: str | None = None
+    input_spec: dict[str, Any] = field(default_factory=dict)
+    card: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kind = self.source.split(":", 1)[0]
+        if ":" not in self.source or kind not in _SOURCE_KINDS:
+            raise ValueError(f"PretrainedCfg.source must start with one of {_SOURCE_KINDS} and ':', got {self.source!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.source.split(":", 1)[0]
+
+    def resolve(self) -> Path:
+        """A local path to the weights, downloading (or reading the hub cache) when needed."""
+        kind, rest = self.source.split(":", 1)
+        if kind == "package":
+            return Path(str(resources.files("moezoo.zoo").joinpath(rest)))
+        if kind == "file":
+            return Path(os.path.expanduser(rest))
+        if kind == "hf-hub":
+            from huggingface_hub import snapshot_download
+
+            repo, _, filename = rest.partition(":")
+            if filename:
+                from huggingface_hub import hf_hub_download
+
+                return Path(hf_hub_download(repo, filename))
+            return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"]))
+        from torch.hub import download_url_to_file, get_dir
+
+        target = Path(get_dir()) / "moezoo" / Path(rest).name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            download_url_to_file(rest, str(target), hash_prefix=self.sha256, progress=True)
+        return target
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: how to build it and, optionally, where its weights are."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    modality: str
+    default_args: dict[str, Any] = field(default_factory=dict)
+    pretrained_cfg: PretrainedCfg | None = None
+    description: str = ""
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+# Modality packages register their entries on import; they are imported on first use of the zoo.
+_ENTRY_MODULES = ("moezoo.modalities.vision.zoo",)
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _ENTRY_MODULES:
+            importlib.import_module(module)
+
+
+def register_model(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    modality: str,
+    pretrained_cfg: PretrainedCfg | None = None,
+    description: str = "",
+    **default_args: Any,
+) -> ModelEntry:
+    """Register ``name`` -> ``builder(**default_args)``; a second registration of a name raises."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    entry = ModelEntry(name, builder, modality, dict(default_args), pretrained_cfg, description)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The registry entry of ``name``; a ``KeyError`` lists close names otherwise."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = [n for n in _REGISTRY if name.split("_")[0] in n]
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(close or _REGISTRY)}") from None
+
+
+def list_models(pattern: str = "*", pretrained: bool = False, modality: str | None = None) -> list[str]:
+    """Sorted names matching the shell-style ``pattern``; ``pretrained=True`` keeps entries with weights."""
+    _ensure_loaded()
+    return sorted(
+        name
+        for name, entry in _REGISTRY.items()
+        if fnmatch.fnmatch(name, pattern)
+        and (not pretrained or entry.pretrained_cfg is not None)
+        and (modality is None or entry.modality == modality)
+    )
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> nn.Module:
+    """Build a registered model, optionally with its pretrained weights or one's own checkpoint.
+
+    Args:
+        name: a name from :func:`list_models`.
+        pretrained: load the entry's published weights (checked against its sha256).
+        checkpoint_path: load this file instead (safetensors file or folder, or a ``moezoo fit``
+            ``.ckpt``).
+        overrides: builder arguments replacing the entry's defaults.
+    """
+    entry = get_entry(name)
+    model = entry.builder(**{**entry.default_args, **overrides})
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path, entry=name)
+    elif pretrained:
+        cfg = entry.pretrained_cfg
+        if cfg is None:
+            raise CheckpointError(f"model {name!r} has no pretrained weights; see list_models(pretrained=True)")
+        load_checkpoint(model, cfg.resolve(), sha256=cfg.sha256, entry=name)
+    if entry.pretrained_cfg is not None:
+        model.pretrained_cfg = entry.pretrained_cfg
+    return model

@@ -1,0 +1,54 @@
+"""Shared fixtures and independent reference implementations for the tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def vmoe_reference() -> dict[str, np.ndarray]:
+    """Golden data produced by running google-research/vmoe (see tests/data/vmoe_reference.md)."""
+    with np.load(DATA / "vmoe_reference.npz") as f:
+        data = {k: f[k] for k in f.files}
+    data["meta"] = json.loads(str(data["meta"]))
+    return data
+
+
+def cases(data: dict, prefix: str) -> list[str]:
+    return sorted({k[len(prefix):].split("/")[0] for k in data if isinstance(k, str) and k.startswith(prefix)})
+
+
+def naive_expert_mlp(x, token, expert, weight, w_in, w_out, activation="gelu", b_in=None, b_out=None, gated=False):
+    """Per-assignment Python loop: the independent reference for every expert_mlp backend."""
+    act = {
+        "gelu": torch.nn.functional.gelu,
+        "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"),
+        "silu": torch.nn.functional.silu,
+        "relu": torch.relu,
+    }[activation]
+    out = torch.zeros(x.shape[0], w_out.shape[-1], dtype=x.dtype)
+    rows = []
+    for a in range(token.numel()):
+        t, e = int(token[a]), int(expert[a])
+        h = x[t] @ w_in[e]
+        if b_in is not None:
+            h = h + b_in[e]
+        if gated:
+            g, u = h.chunk(2)
+            h = act(g) * u
+        else:
+            h = act(h)
+        y = h @ w_out[e]
+        if b_out is not None:
+            y = y + b_out[e]
+        rows.append((t, weight[a] * y))
+    for t, y in rows:
+        out = out.index_add(0, torch.tensor([t]), y.unsqueeze(0).to(out.dtype))
+    return out

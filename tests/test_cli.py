@@ -1,0 +1,58 @@
+"""The moezoo CLI: a short fit of the shipped config, plain LightningCLI compatibility, zoo list."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moezoo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+FAST = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+        "--trainer.enable_checkpointing", "false", "--trainer.logger", "false"]
+
+
+def test_two_step_fit_through_the_cli(tmp_path):
+    main(["fit", "--config", str(ROOT / "configs/vision/vmoe_ti_digits.yaml"),
+          "--trainer.default_root_dir", str(tmp_path), *FAST])
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path" in capsys.readouterr().out
+
+
+def test_configs_run_under_a_plain_lightning_cli(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "from lightning.pytorch.cli import LightningCLI\n"
+        "LightningCLI(subclass_mode_model=True, subclass_mode_data=True)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(script), "fit", "--config", str(ROOT / "configs/vision/vmoe_ti_digits.yaml"),
+         "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false", *FAST],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_steps=2" in result.stderr + result.stdout
+
+
+def test_zoo_list_prints_a_table(capsys):
+    assert main(["zoo", "list", "vmoe*"]) == 0
+    out = capsys.readouterr().out
+    assert "vmoe_ti_digits" in out and "vmoe_b16" in out and "modality" in out
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(["moezoo", "zoo", "list"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "vmoe_s16" in result.stdout

@@ -1,0 +1,88 @@
+"""Registry and the one checkpoint loader: round trips and clear, all-or-nothing failures."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from torch import nn
+
+import moezoo
+from moezoo.zoo import CheckpointError, PretrainedCfg, load_checkpoint, register_model, save_checkpoint
+from moezoo.zoo.registry import _REGISTRY
+
+
+def test_list_and_create():
+    names = moezoo.list_models("vmoe*")
+    assert {"vmoe_s16", "vmoe_b16", "vmoe_l16", "vmoe_ti_digits"} <= set(names)
+    model = moezoo.create_model("vmoe_ti_digits", num_experts=4)
+    assert model.moe_layers()[0].num_experts == 4
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    with pytest.raises(KeyError, match="unknown model"):
+        moezoo.create_model("no_such_model")
+
+
+def test_list_models_pretrained_filter(tmp_path):
+    model = nn.Linear(3, 2)
+    path = save_checkpoint(model, tmp_path / "w.safetensors")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    register_model("test_linear_pretrained", lambda: nn.Linear(3, 2), modality="test",
+                   pretrained_cfg=PretrainedCfg(source=f"file:{path}", sha256=digest))
+    try:
+        assert moezoo.list_models("test_linear*", pretrained=True) == ["test_linear_pretrained"]
+        loaded = moezoo.create_model("test_linear_pretrained", pretrained=True)
+        assert torch.equal(loaded.weight, model.weight)
+        assert "vmoe_s16" not in moezoo.list_models(pretrained=True)
+    finally:
+        _REGISTRY.pop("test_linear_pretrained")
+
+
+def test_checkpoint_round_trip_and_atomic_write(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    path = save_checkpoint(model, tmp_path / "ckpt")
+    assert path.name == "model.safetensors"
+    assert not [p for p in tmp_path.rglob("*.tmp")]
+    fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    load_checkpoint(fresh, tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def _unchanged(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_bad_checkpoints_fail_before_any_change(tmp_path):
+    model = nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    good = save_checkpoint(nn.Linear(4, 3), tmp_path / "good.safetensors")
+
+    with pytest.raises(CheckpointError, match="sha256 mismatch"):
+        load_checkpoint(model, good, sha256="0" * 64, entry="demo")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_checkpoint(model, truncated)
+    wrong_keys = save_checkpoint({"weight": torch.zeros(3, 4), "extra": torch.zeros(1)}, tmp_path / "k.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \['bias'\].*unexpected keys \['extra'\]"):
+        load_checkpoint(model, wrong_keys, entry="demo")
+    wrong_shape = save_checkpoint(nn.Linear(5, 3), tmp_path / "s.safetensors")
+    with pytest.raises(CheckpointError, match="shape mismatch for.*weight"):
+        load_checkpoint(model, wrong_shape)
+    with pytest.raises(CheckpointError, match="file not found"):
+        load_checkpoint(model, tmp_path / "missing.safetensors")
+    assert _unchanged(model, before)
+
+
+def test_lightning_ckpt_loads_into_bare_model(tmp_path):
+    model = nn.Linear(4, 3)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, tmp_path / "x.ckpt")
+    fresh = nn.Linear(4, 3)
+    load_checkpoint(fresh, tmp_path / "x.ckpt")
+    assert torch.equal(fresh.weight, model.weight)
+
+
+def test_pretrained_cfg_validates_source():
+    with pytest.raises(ValueError, match="source must start with"):
+        PretrainedCfg(source="s3://bucket/w.safetensors")
+    assert PretrainedCfg(source="hf-hub:org/repo").kind == "hf-hub"
