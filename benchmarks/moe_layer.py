@@ -31,8 +31,8 @@ def naive_loop_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         if idx.numel() == 0:
             continue
         tok = routing.token[idx]
-        h = F.gelu(x[tok] @ moe.w_in[e] + moe.b_in[e])
-        y = (h @ moe.w_out[e] + moe.b_out[e]) * routing.weight[idx, None]
+        h = F.gelu(x[tok] @ moe.experts.w_in[e] + moe.experts.b_in[e])
+        y = (h @ moe.experts.w_out[e] + moe.experts.b_out[e]) * routing.weight[idx, None]
         out.index_add_(0, tok, y)
     return out
 

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 __all__ = ["MoezooCLI", "main"]
@@ -29,12 +29,19 @@ class MoezooCLI(LightningCLI):
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # Rich's progress bar by default, unless the config turns bars off or brings its own.
+        # Rich's progress bar and a summary with active parameters by default, unless the config
+        # turns them off or brings its own.
+        from moezoo.monitoring import MoEModelSummary
+
         configured = list(config.get("callbacks") or []) + list(callbacks)
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(c, ProgressBar) for c in configured
         ):
             callbacks = [*callbacks, RichProgressBar()]
+        if config.get("enable_model_summary", True) is not False and not any(
+            isinstance(c, ModelSummary) for c in configured
+        ):
+            callbacks = [*callbacks, MoEModelSummary()]
         return super()._instantiate_trainer(config, callbacks)
 
 
@@ -44,21 +51,75 @@ def _zoo_main(argv: Sequence[str]) -> int:
 
     from moezoo.zoo import get_entry, list_models
 
-    parser = argparse.ArgumentParser(prog="moezoo zoo", description="Browse the model zoo.")
+    parser = argparse.ArgumentParser(prog="moezoo zoo", description="Browse, evaluate and release zoo entries.")
     sub = parser.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="print the registry as a table")
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern")
     ls.add_argument("--pretrained", action="store_true", help="only entries with weights")
+    ev = sub.add_parser("eval", help="evaluate an entry (shipped weights, or --ckpt)")
+    ev.add_argument("name")
+    ev.add_argument("--ckpt", default=None, help="a safetensors file/folder or a `moezoo fit` .ckpt")
+    rel = sub.add_parser("release", help="ship a trained checkpoint: weights, results JSON, card")
+    rel.add_argument("name")
+    rel.add_argument("--ckpt", required=True)
+    rel.add_argument("--dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    card = sub.add_parser("card", help="re-render an entry's model card from its recorded results")
+    card.add_argument("name")
+    info = sub.add_parser("info", help="an entry's configuration and model card")
+    info.add_argument("name")
+    export = sub.add_parser("export", help="write an HF-style folder: config.json, model.safetensors, README.md")
+    export.add_argument("name")
+    export.add_argument("directory")
+    export.add_argument("--ckpt", default=None, help="export this checkpoint instead of the shipped weights")
     args = parser.parse_args(list(argv))
+    console = Console()
 
-    table = Table(title="moezoo models")
-    for column in ("name", "modality", "pretrained source", "description"):
-        table.add_column(column)
-    for name in list_models(args.pattern, pretrained=args.pretrained):
-        entry = get_entry(name)
-        source = entry.pretrained_cfg.source if entry.pretrained_cfg else "-"
-        table.add_row(name, entry.modality, source, entry.description)
-    Console().print(table)
+    if args.command == "list":
+        table = Table(title="moezoo models")
+        for column in ("name", "modality", "pretrained source", "description"):
+            table.add_column(column)
+        for name in list_models(args.pattern, pretrained=args.pretrained):
+            entry = get_entry(name)
+            source = entry.pretrained_cfg.source if entry.pretrained_cfg else "-"
+            table.add_row(name, entry.modality, source, entry.description)
+        console.print(table)
+    elif args.command == "eval":
+        from moezoo.zoo.release import evaluate_entry
+
+        console.print_json(data=evaluate_entry(args.name, args.ckpt))
+    elif args.command == "release":
+        from moezoo.zoo.release import release
+
+        console.print_json(data=release(args.name, args.ckpt, dtype=args.dtype))
+    elif args.command == "card":
+        from moezoo.zoo.cards import write_card
+
+        console.print(f"wrote {write_card(get_entry(args.name))}")
+    elif args.command == "info":
+        from rich.markdown import Markdown
+
+        from moezoo.zoo.cards import card_path
+
+        entry = get_entry(args.name)
+        console.print_json(data={
+            "name": entry.name,
+            "modality": entry.modality,
+            "builder": f"{entry.builder.__module__}.{entry.builder.__qualname__}",
+            "args": entry.default_args,
+            "pretrained": None if entry.pretrained_cfg is None else entry.pretrained_cfg.source,
+        })
+        path = card_path(entry.name)
+        console.print(Markdown(path.read_text()) if path.is_file() else "(no model card)")
+    elif args.command == "export":
+        from moezoo.zoo import create_model, export_model
+        from moezoo.zoo.cards import card_path
+
+        entry = get_entry(args.name)
+        model = create_model(args.name, pretrained=args.ckpt is None and entry.pretrained_cfg is not None,
+                             checkpoint_path=args.ckpt)
+        path = card_path(args.name)
+        target = export_model(model, args.directory, card=path.read_text() if path.is_file() else None)
+        console.print(f"exported {args.name} to {target}")
     return 0
 
 
@@ -67,6 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "zoo":
         return _zoo_main(args[1:])
+    if args and args[0] == "routing-report":
+        from moezoo.report import main as report_main
+
+        return report_main(args[1:])
     # LightningCLI reads sys.argv itself; pass args only when called from Python.
     MoezooCLI(args=None if argv is None else args)
     return 0

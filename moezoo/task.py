@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 
-from moezoo.layers.routed import aux_loss, routed_layers
+from moezoo.layers.routed import aux_loss
 
 __all__ = ["MoETask"]
 
@@ -17,7 +16,8 @@ __all__ = ["MoETask"]
 class MoETask(L.LightningModule):
     """Base task: AdamW with decoupled weight decay (not on biases, norms, embeddings), linear warmup
     then cosine decay per step, the model's weighted auxiliary routing losses added to the objective,
-    and routing statistics logged every ``log_routing_every_n_steps`` training steps.
+    and a :class:`~moezoo.monitoring.RoutingMonitor` logging routing statistics and load heatmaps
+    every ``log_routing_every_n_steps`` training steps.
 
     Args:
         model: the network (a plain ``nn.Module`` from a modality's ``model.py``).
@@ -28,7 +28,7 @@ class MoETask(L.LightningModule):
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``; 1.0 keeps lr constant.
         aux_loss_weights: coefficient per routing-loss name for every layer; None uses each
             layer's own coefficients (e.g. V-MoE's 0.005 importance + 0.005 load).
-        log_routing_every_n_steps: how often routing statistics are logged in training.
+        log_routing_every_n_steps: how often routing statistics and heatmaps are logged in training.
     """
 
     def __init__(
@@ -66,34 +66,20 @@ class MoETask(L.LightningModule):
 
     # -- objective -----------------------------------------------------------------------------
     def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor:
-        """``main_loss`` plus the weighted routing losses of the last forward; logs both."""
+        """``main_loss`` plus the weighted routing losses of the last forward; logs the latter."""
         aux = aux_loss(self.model, self.aux_loss_weights)
         batch_size = getattr(self, "_batch_size", None)
         self.log(f"{stage}/aux_loss", aux.detach(), batch_size=batch_size)
         return main_loss + aux
 
-    def log_routing(self, stage: str) -> None:
-        """Log routing summaries averaged over layers (drop fraction, entropy, load CV, each loss)."""
-        layers = routed_layers(self.model)
-        if not layers:
-            return
-        totals: dict[str, list[Tensor]] = {}
-        for _, layer in layers:
-            stats = layer.last_stats
-            if "tokens_per_expert" in stats:
-                load = stats["tokens_per_expert"].float()
-                totals.setdefault("load_cv", []).append(load.std(unbiased=False) / load.mean().clamp_min(1e-9))
-            for key in ("dropped_fraction", "unrouted_fraction", "entropy"):
-                if key in stats:
-                    totals.setdefault(key, []).append(stats[key].float())
-            for key, value in layer.last_losses.items():
-                totals.setdefault(f"loss_{key}", []).append(value.detach().float())
-        for key, values in totals.items():
-            self.log(f"{stage}/routing/{key}", torch.stack(values).mean(), batch_size=getattr(self, "_batch_size", None))
+    def configure_callbacks(self):
+        """A :class:`~moezoo.monitoring.RoutingMonitor`, unless the trainer already has one."""
+        from moezoo.monitoring import RoutingMonitor
 
-    def maybe_log_routing(self) -> None:
-        if self.global_step % self.log_routing_every_n_steps == 0:
-            self.log_routing("train")
+        trainer = self._trainer
+        if trainer is not None and any(isinstance(c, RoutingMonitor) for c in trainer.callbacks):
+            return []
+        return [RoutingMonitor(every_n_steps=self.log_routing_every_n_steps)]
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -118,7 +104,3 @@ class MoETask(L.LightningModule):
             return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
         return factor
-
-    @staticmethod
-    def stage_metrics(metrics: Mapping[str, Tensor]) -> dict[str, float]:
-        return {k: float(v) for k, v in metrics.items()}

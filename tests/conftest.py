@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import os
 
-import numpy as np
-import pytest
-import torch
+# Triton kernels run in Triton's CPU interpreter in this suite; the choice is made when triton is
+# first imported, so it is set here, before anything imports torch or triton. On a GPU machine run
+# the suite with TRITON_INTERPRET=0 to test the compiled kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 

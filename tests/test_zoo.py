@@ -86,3 +86,58 @@ def test_pretrained_cfg_validates_source():
     with pytest.raises(ValueError, match="source must start with"):
         PretrainedCfg(source="s3://bucket/w.safetensors")
     assert PretrainedCfg(source="hf-hub:org/repo").kind == "hf-hub"
+
+
+# -- shipped entries: weights, recorded results and cards agree --------------------------------
+
+from moezoo.zoo import get_entry, list_models  # noqa: E402
+from moezoo.zoo.cards import card_path, load_results, render_card  # noqa: E402
+
+SHIPPED = [n for n in list_models(pretrained=True) if get_entry(n).pretrained_cfg.kind == "package"]
+
+
+def test_some_entry_ships_weights():
+    assert "vmoe_ti_digits" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_is_generated_from_the_recorded_results(name):
+    entry = get_entry(name)
+    results, studies = load_results(name)
+    assert card_path(name).read_text() == render_card(entry, results, studies)
+    assert results["weights"]["sha256"] == entry.pretrained_cfg.sha256
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_weights_reproduce_the_card_figures(name):
+    entry = get_entry(name)
+    model = moezoo.create_model(name, pretrained=True)
+    metrics = entry.evaluator()(model)
+    recorded = load_results(name)[0]["metrics"]
+    for key, value in recorded.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_export_round_trip_and_cli(tmp_path, capsys):
+    from moezoo.cli import main
+    from moezoo.zoo import export_model
+
+    model = moezoo.create_model("vmoe_ti_digits", num_experts=4)
+    target = export_model(model, tmp_path / "export", card="# card\n")
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    again = moezoo.create_model(checkpoint_path=target)
+    assert again.moe_layers()[0].num_experts == 4
+    x = torch.randn(8, 1, 16, 16)
+    model.eval(), again.eval()
+    assert torch.equal(model(x), again(x))
+    with pytest.raises(FileExistsError):
+        export_model(model, target)
+    with pytest.raises(ValueError, match="holds 'vmoe_ti_digits'"):
+        moezoo.create_model("vit_ti_digits", checkpoint_path=target)
+
+    if "vmoe_ti_digits" in SHIPPED:
+        assert main(["zoo", "export", "vmoe_ti_digits", str(tmp_path / "cli_export")]) == 0
+        readme = (tmp_path / "cli_export" / "README.md").read_text()
+        assert readme == card_path("vmoe_ti_digits").read_text()
+        assert main(["zoo", "info", "vmoe_ti_digits"]) == 0
+        assert "BatchPrioritizedRouter" in capsys.readouterr().out

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from moezoo.kernels import BACKENDS, expert_mlp, get_activation
+from moezoo.layers.experts import Experts
 from moezoo.layers.mlp import MLP
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.top_k import TopKRouter
@@ -72,13 +71,7 @@ class MoE(RoutedLayer):
                 raise ValueError(f"MoE: {name} must be an int >= 1, got {value!r}")
         if shared_experts < 0:
             raise ValueError(f"MoE: shared_experts must be >= 0, got {shared_experts}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"MoE: dropout must be in [0, 1), got {dropout}")
-        if backend not in BACKENDS:
-            raise ValueError(f"MoE: backend must be one of {BACKENDS}, got {backend!r}")
-        get_activation(activation)
         self.dim, self.hidden, self.num_experts = dim, hidden, num_experts
-        self.activation, self.gated, self.dropout, self.backend = activation, gated, dropout, backend
 
         if router is None:
             router = TopKRouter(dim, num_experts, k=2)
@@ -90,15 +83,10 @@ class MoE(RoutedLayer):
                 f"{getattr(router, 'num_experts', '?')} but the layer has dim={dim}, num_experts={num_experts}"
             )
         self.router = router
-
-        width = hidden * (2 if gated else 1)
-        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
-        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.b_in = nn.Parameter(torch.empty(num_experts, width)) if bias else None
-        self.b_out = nn.Parameter(torch.empty(num_experts, dim)) if bias else None
-        self.identical_init = identical_init
-        self.reset_expert_parameters()
-
+        self.experts = Experts(
+            num_experts, dim, hidden, activation, gated=gated, bias=bias, dropout=dropout,
+            identical_init=identical_init, backend=backend,
+        )
         self.shared = None
         self.shared_gate = None
         if shared_experts:
@@ -107,44 +95,7 @@ class MoE(RoutedLayer):
                 self.shared_gate = nn.Linear(dim, 1, bias=False)
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}, "
-            f"activation={self.activation}, gated={self.gated}, backend={self.backend}"
-        )
-
-    @torch.no_grad()
-    def reset_expert_parameters(self) -> None:
-        """Each expert as ``nn.Linear`` initialises itself: U(±1/sqrt(fan_in)) weights and biases."""
-        for w, b, fan_in in ((self.w_in, self.b_in, self.dim), (self.w_out, self.b_out, self.hidden)):
-            bound = 1.0 / math.sqrt(fan_in)
-            w.uniform_(-bound, bound)
-            if b is not None:
-                b.uniform_(-bound, bound)
-        if self.identical_init:
-            self.copy_expert_to_all(0)
-
-    @torch.no_grad()
-    def copy_expert_to_all(self, index: int) -> None:
-        """Make every expert a copy of expert ``index``."""
-        for p in (self.w_in, self.w_out, self.b_in, self.b_out):
-            if p is not None:
-                p.copy_(p[index : index + 1].expand_as(p))
-
-    @torch.no_grad()
-    def load_dense(self, fc1: nn.Linear, fc2: nn.Linear) -> None:
-        """Copy a dense MLP's two ``nn.Linear`` layers into every expert (sparse upcycling)."""
-        if fc1.weight.shape != (self.w_in.shape[2], self.dim) or fc2.weight.shape != (self.dim, self.hidden):
-            raise ValueError(
-                f"load_dense: fc1 {tuple(fc1.weight.shape)} / fc2 {tuple(fc2.weight.shape)} do not match "
-                f"experts of dim={self.dim}, hidden={self.hidden}, gated={self.gated}"
-            )
-        if (fc1.bias is None) != (self.b_in is None) or (fc2.bias is None) != (self.b_out is None):
-            raise ValueError("load_dense: the dense MLP and the experts disagree on biases")
-        self.w_in.copy_(fc1.weight.t().unsqueeze(0).expand_as(self.w_in))
-        self.w_out.copy_(fc2.weight.t().unsqueeze(0).expand_as(self.w_out))
-        if self.b_in is not None:
-            self.b_in.copy_(fc1.bias.unsqueeze(0).expand_as(self.b_in))
-            self.b_out.copy_(fc2.bias.unsqueeze(0).expand_as(self.b_out))
+        return f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}"
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
         """x: (..., dim) -> (..., dim). ``token_ids`` (x.shape[:-1]) feeds routers that hash ids."""
@@ -158,19 +109,7 @@ class MoE(RoutedLayer):
         positions = torch.arange(seq, device=x.device).expand(x.shape[:-1]).reshape(-1)
         ids = None if token_ids is None else token_ids.reshape(-1)
         routing = self.router(flat, token_ids=ids, positions=positions)
-        out = expert_mlp(
-            flat,
-            routing,
-            self.w_in,
-            self.w_out,
-            self.activation,
-            b_in=self.b_in,
-            b_out=self.b_out,
-            gated=self.gated,
-            dropout=self.dropout,
-            training=self.training,
-            backend=self.backend,
-        )
+        out = self.experts(flat, routing)
         if self.shared is not None:
             shared = self.shared(flat)
             if self.shared_gate is not None:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RoutedLayer", "aux_loss", "routed_layers", "routing_stats"]
+__all__ = ["RoutedLayer", "aux_loss", "parameter_counts", "routed_layers", "routing_stats"]
 
 
 class RoutedLayer(nn.Module):
@@ -70,3 +70,26 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
         entry.update({f"loss/{k}": v.detach() for k, v in layer.last_losses.items()})
         out[name or type(layer).__name__] = entry
     return out
+
+
+def parameter_counts(model: nn.Module) -> dict[str, int]:
+    """Total parameters and parameters active per token.
+
+    An expert bank inside a routed layer counts ``k / E`` of its parameters as active, with k the
+    router's experts per token (``capacity_factor`` for expert choice, 1 for routers without k);
+    Soft MoE runs every expert on its slots, so all of its experts count as active.
+    """
+    from moezoo.layers.experts import Experts
+
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0.0
+    for _, layer in routed_layers(model):
+        router = getattr(layer, "router", None)
+        if router is None:
+            continue
+        per_token = getattr(router, "k", None) or getattr(router, "capacity_factor", None) or 1
+        for module in layer.modules():
+            if isinstance(module, Experts):
+                size = sum(p.numel() for p in module.parameters())
+                inactive += size * max(0.0, 1.0 - min(per_token, module.num_experts) / module.num_experts)
+    return {"total": total, "active": int(round(total - inactive))}

@@ -41,6 +41,8 @@ class BatchPrioritizedRouter(Router):
         capacity_multiple_of: V-MoE rounds capacity up to a multiple of 4.
         priority: BPR score, ``"max"`` (the reference: top-1 probability) or ``"sum"`` (sum of
             the top-k probabilities, the paper's alternative).
+        normalize: rescale each token's top-k weights to sum to 1 (not in V-MoE; sparse upcycling
+            uses it so an upcycled model starts equal to its dense parent).
 
     Losses (unweighted, averaged over groups): ``importance`` (clean softmax) always, ``load``
     when noise is applied (training with ``noise_std > 0``). V-MoE weighs each by 0.005.
@@ -59,6 +61,7 @@ class BatchPrioritizedRouter(Router):
         group_size: int | None = None,
         capacity_multiple_of: int | None = 4,
         priority: str = "max",
+        normalize: bool = False,
         check_finite: bool = True,
     ) -> None:
         super().__init__(dim, num_experts, check_finite=check_finite)
@@ -77,6 +80,7 @@ class BatchPrioritizedRouter(Router):
         if priority not in _PRIORITIES:
             raise ValueError(f"priority must be one of {_PRIORITIES}, got {priority!r}")
         self.priority = priority
+        self.normalize = bool(normalize)
 
     def extra_repr(self) -> str:
         return (
@@ -131,6 +135,8 @@ class BatchPrioritizedRouter(Router):
             values = [loss_fn(*c) * c[0].shape[0] for c in chunks]
             return torch.stack(values).sum() / sum(c[0].shape[0] for c in chunks)
 
+        if self.normalize:
+            weight = weight / RF.top_k(probs, self.k)[0].sum(dim=1)[token]
         clean_probs = torch.softmax(logits, dim=-1) if noisy else probs
         losses = {"importance": group_mean(L.importance_loss, clean_probs)}
         if noisy:

@@ -1,13 +1,24 @@
 """The zoo: registry, pretrained entries and checkpoint IO."""
 
 from moezoo.zoo.checkpoint import CheckpointError, load_checkpoint, read_state_dict, save_checkpoint, sha256_of
-from moezoo.zoo.registry import ModelEntry, PretrainedCfg, create_model, get_entry, list_models, register_model
+from moezoo.zoo.registry import (
+    ModelEntry,
+    PretrainedCfg,
+    create_model,
+    export_model,
+    get_entry,
+    list_models,
+    register_model,
+    shipped_weights,
+)
+from moezoo.zoo.upcycling import upcycle_vit
 
 __all__ = [
     "CheckpointError",
     "ModelEntry",
     "PretrainedCfg",
     "create_model",
+    "export_model",
     "get_entry",
     "list_models",
     "load_checkpoint",
@@ -15,4 +26,6 @@ __all__ = [
     "register_model",
     "save_checkpoint",
     "sha256_of",
+    "shipped_weights",
+    "upcycle_vit",
 ]

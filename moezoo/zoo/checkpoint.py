@@ -139,6 +139,10 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, Tensor], path: str 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=dict(metadata) if metadata else None)
+        # mkstemp creates the file private (0600); give it the permissions a plain write would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,16 @@ from torch import nn
 
 from moezoo.zoo.checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ["ModelEntry", "PretrainedCfg", "create_model", "get_entry", "list_models", "register_model"]
+__all__ = [
+    "ModelEntry",
+    "PretrainedCfg",
+    "create_model",
+    "export_model",
+    "get_entry",
+    "list_models",
+    "register_model",
+    "shipped_weights",
+]
 
 _SOURCE_KINDS = ("package", "hf-hub", "url", "file")
 
@@ -79,7 +89,12 @@ class PretrainedCfg:
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: how to build it and, optionally, where its weights are."""
+    """A registered model: how to build it, where its weights are, how to evaluate it.
+
+    Attributes:
+        evaluate: ``"module:function"`` taking the model and returning its headline metrics.
+        card: model-card information (license, tags, datasets, config, architecture, limitations).
+    """
 
     name: str
     builder: Callable[..., nn.Module]
@@ -87,6 +102,29 @@ class ModelEntry:
     default_args: dict[str, Any] = field(default_factory=dict)
     pretrained_cfg: PretrainedCfg | None = None
     description: str = ""
+    evaluate: str | None = None
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def evaluator(self) -> Callable[[nn.Module], dict[str, float]]:
+        if self.evaluate is None:
+            raise ValueError(f"model {self.name!r} has no evaluation function")
+        module, _, function = self.evaluate.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+_WEIGHTS_INDEX = "weights/index.json"
+
+
+def shipped_weights(name: str, **cfg: Any) -> PretrainedCfg | None:
+    """The ``PretrainedCfg`` of weights shipped inside the package for ``name`` (from
+    ``moezoo/zoo/weights/index.json``, written by ``moezoo zoo release``), or None."""
+    index_file = resources.files("moezoo.zoo").joinpath(_WEIGHTS_INDEX)
+    if not index_file.is_file():
+        return None
+    record = json.loads(index_file.read_text()).get(name)
+    if record is None:
+        return None
+    return PretrainedCfg(source=f"package:weights/{record['file']}", sha256=record["sha256"], **cfg)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -110,12 +148,15 @@ def register_model(
     modality: str,
     pretrained_cfg: PretrainedCfg | None = None,
     description: str = "",
+    evaluate: str | None = None,
+    card: dict[str, Any] | None = None,
     **default_args: Any,
 ) -> ModelEntry:
     """Register ``name`` -> ``builder(**default_args)``; a second registration of a name raises."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
-    entry = ModelEntry(name, builder, modality, dict(default_args), pretrained_cfg, description)
+    entry = ModelEntry(name, builder, modality, dict(default_args), pretrained_cfg, description, evaluate,
+                       dict(card or {}))
     _REGISTRY[name] = entry
     return entry
 
@@ -142,8 +183,11 @@ def list_models(pattern: str = "*", pretrained: bool = False, modality: str | No
     )
 
 
+CONFIG_NAME = "config.json"
+
+
 def create_model(
-    name: str,
+    name: str | None = None,
     pretrained: bool = False,
     checkpoint_path: str | os.PathLike | None = None,
     **overrides: Any,
@@ -151,12 +195,21 @@ def create_model(
     """Build a registered model, optionally with its pretrained weights or one's own checkpoint.
 
     Args:
-        name: a name from :func:`list_models`.
+        name: a name from :func:`list_models`; may be omitted when ``checkpoint_path`` is a folder
+            written by :func:`export_model` (its ``config.json`` names the entry and arguments).
         pretrained: load the entry's published weights (checked against its sha256).
-        checkpoint_path: load this file instead (safetensors file or folder, or a ``moezoo fit``
-            ``.ckpt``).
+        checkpoint_path: load this instead: a safetensors file, an exported folder, or a
+            ``moezoo fit`` ``.ckpt``.
         overrides: builder arguments replacing the entry's defaults.
     """
+    if checkpoint_path is not None and (Path(checkpoint_path) / CONFIG_NAME).is_file():
+        config = json.loads((Path(checkpoint_path) / CONFIG_NAME).read_text())
+        if name is not None and name != config["entry"]:
+            raise ValueError(f"{checkpoint_path} holds {config['entry']!r}, not {name!r}")
+        name = config["entry"]
+        overrides = {**config.get("args", {}), **overrides}
+    if name is None:
+        raise ValueError("create_model needs a model name (or checkpoint_path=<exported folder>)")
     entry = get_entry(name)
     model = entry.builder(**{**entry.default_args, **overrides})
     if checkpoint_path is not None:
@@ -168,4 +221,45 @@ def create_model(
         load_checkpoint(model, cfg.resolve(), sha256=cfg.sha256, entry=name)
     if entry.pretrained_cfg is not None:
         model.pretrained_cfg = entry.pretrained_cfg
+    model.moezoo_entry = name
+    model.moezoo_args = dict(overrides)
     return model
+
+
+def export_model(model: nn.Module, directory: str | os.PathLike, *, card: str | None = None) -> Path:
+    """Write a zoo model as an HF-style folder: ``config.json`` (entry and arguments),
+    ``model.safetensors`` and ``README.md`` (the model card), loadable with
+    ``create_model(checkpoint_path=directory)``. The folder is assembled beside the target and
+    renamed into place, so an interrupted export leaves no half-written folder.
+    """
+    name = getattr(model, "moezoo_entry", None)
+    if name is None:
+        raise ValueError("export_model needs a model made by create_model (it records the entry name)")
+    args = getattr(model, "moezoo_args", {})
+    try:
+        config_text = json.dumps({"entry": name, "args": args, "moezoo_version": _version()}, indent=2)
+    except TypeError as err:
+        raise ValueError(f"export_model: the arguments of {name!r} are not JSON-serialisable ({err})") from err
+    from moezoo.zoo.checkpoint import save_checkpoint
+
+    target = Path(directory)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"export_model: {target} exists and is not empty")
+    staging = target.parent / f".{target.name}.partial"
+    staging.mkdir(parents=True, exist_ok=False)
+    save_checkpoint(model, staging / "model.safetensors", metadata={"entry": name})
+    (staging / CONFIG_NAME).write_text(config_text + "\n")
+    (staging / "README.md").write_text(card if card is not None else f"# {name}\n")
+    if target.exists():
+        target.rmdir()
+    os.replace(staging, target)
+    return target
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moezoo")
+    except PackageNotFoundError:
+        return "unknown"

@@ -15,7 +15,7 @@ def test_one_expert_k1_equals_dense_mlp(gated, activation):
     torch.manual_seed(0)
     dense = MLP(12, 20, activation, gated=gated)
     moe = MoE(12, 20, 1, TopKRouter(12, 1, k=1), activation=activation, gated=gated)
-    moe.load_dense(dense.fc1, dense.fc2)
+    moe.experts.load_dense(dense.fc1, dense.fc2)
     x = torch.randn(3, 7, 12)
     # With one expert the softmax weight is exactly 1.
     assert torch.allclose(moe(x), dense(x), atol=1e-6)
@@ -25,7 +25,7 @@ def test_upcycled_experts_equal_dense_when_weights_sum_to_one():
     torch.manual_seed(1)
     dense = MLP(8, 16)
     moe = MoE(8, 16, 4, TopKRouter(8, 4, k=2, normalize=True))
-    moe.load_dense(dense.fc1, dense.fc2)
+    moe.experts.load_dense(dense.fc1, dense.fc2)
     x = torch.randn(10, 8)
     assert torch.allclose(moe(x), dense(x), atol=1e-6)
 
@@ -53,8 +53,8 @@ def test_router_factory_and_validation():
 
 def test_identical_init():
     moe = MoE(6, 10, 3, identical_init=True)
-    assert torch.equal(moe.w_in[0], moe.w_in[2]) and torch.equal(moe.b_out[1], moe.b_out[0])
-    assert not torch.equal(MoE(6, 10, 3).w_in[0], MoE(6, 10, 3).w_in[1])
+    assert torch.equal(moe.experts.w_in[0], moe.experts.w_in[2]) and torch.equal(moe.experts.b_out[1], moe.experts.b_out[0])
+    assert not torch.equal(MoE(6, 10, 3).experts.w_in[0], MoE(6, 10, 3).experts.w_in[1])
 
 
 def test_hash_router_gets_token_ids_and_positions():

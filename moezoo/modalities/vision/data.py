@@ -47,9 +47,11 @@ class ImageDataModule(L.LightningDataModule):
     """Images and labels for :class:`~moezoo.modalities.vision.ImageClassification`.
 
     Args:
-        dataset: ``"digits"`` (built in, offline), or ``"folder"``: ``root`` holds ``train/``,
-            ``val/`` and optionally ``test/`` in torchvision ``ImageFolder`` layout.
-        root: dataset folder for ``"folder"``.
+        dataset: ``"digits"`` (built in, offline); ``"folder"``: ``root`` holds ``train/``,
+            ``val/`` and optionally ``test/`` in torchvision ``ImageFolder`` layout (ImageNet);
+            ``"torchvision:<Name>"``: a torchvision dataset class already downloaded under ``root``
+            (e.g. ``torchvision:CIFAR10``; its test split serves as validation and test).
+        root: dataset folder for ``"folder"`` and torchvision datasets.
         image_size: side length fed to the model.
         batch_size: training batch size (also used for evaluation unless ``eval_batch_size``).
         eval_batch_size: evaluation batch size.
@@ -57,6 +59,9 @@ class ImageDataModule(L.LightningDataModule):
         seed: split seed (digits).
         augment: random-resized-crop and flip style training augmentation (timm's
             ``create_transform``) for folders; small random shifts for digits.
+        auto_augment: timm auto-augment policy for folders, e.g. ``"rand-m10-n2"`` (RandAugment).
+        mean, std: normalisation for folders (V-MoE scales pixels to [-1, 1]: 0.5 / 0.5).
+        rotate90: quarter turns applied to the built-in digits (a shifted task for fine-tuning demos).
     """
 
     def __init__(
@@ -69,41 +74,81 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         augment: bool = False,
+        auto_augment: str | None = None,
+        mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        rotate90: int = 0,
     ) -> None:
         super().__init__()
-        if dataset not in _BUILTIN + ("folder",):
-            raise ValueError(f"dataset must be one of {_BUILTIN + ('folder',)}, got {dataset!r}")
-        if dataset == "folder" and not root:
-            raise ValueError("dataset='folder' needs root=<folder with train/ and val/>")
+        if dataset not in _BUILTIN + ("folder",) and not dataset.startswith("torchvision:"):
+            raise ValueError(
+                f"dataset must be one of {_BUILTIN + ('folder',)} or 'torchvision:<Name>', got {dataset!r}"
+            )
+        if dataset != "digits" and not root:
+            raise ValueError(f"dataset={dataset!r} needs root=<folder on disk>")
         if image_size < 1 or batch_size < 1:
             raise ValueError(f"image_size and batch_size must be >= 1, got {image_size}, {batch_size}")
         self.dataset, self.root = dataset, root
         self.image_size, self.batch_size = image_size, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed, self.augment = num_workers, seed, augment
+        self.auto_augment, self.mean, self.std = auto_augment, tuple(mean), tuple(std)
+        if rotate90 and dataset != "digits":
+            raise ValueError(f"rotate90 applies to the built-in digits only, got dataset={dataset!r}")
+        self.rotate90 = rotate90 % 4
         self.splits: dict[str, Dataset] = {}
         self.save_hyperparameters()
 
     @property
     def num_classes(self) -> int:
-        return 10 if self.dataset == "digits" else len(self._folder("train").classes)
+        if self.dataset == "digits":
+            return 10
+        self.setup()
+        return len(self.splits["train"].classes)
+
+    def _transform(self, train: bool):
+        from timm.data import create_transform
+
+        return create_transform(
+            self.image_size,
+            is_training=self.augment and train,
+            auto_augment=self.auto_augment if train else None,
+            mean=self.mean,
+            std=self.std,
+        )
 
     def _folder(self, split: str):
-        from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
         path = Path(self.root) / split
         if not path.is_dir():
             raise FileNotFoundError(f"ImageDataModule: {path} is not a folder of class sub-folders")
-        transform = create_transform(self.image_size, is_training=self.augment and split == "train")
-        return ImageFolder(str(path), transform=transform)
+        return ImageFolder(str(path), transform=self._transform(split == "train"))
+
+    def _torchvision(self, train: bool):
+        import torchvision.datasets as tv
+
+        name = self.dataset.split(":", 1)[1]
+        cls = getattr(tv, name, None)
+        if cls is None:
+            raise ValueError(f"torchvision.datasets has no {name!r}")
+        try:
+            return cls(self.root, train=train, download=False, transform=self._transform(train))
+        except RuntimeError as err:  # torchvision's "Dataset not found or corrupted"
+            raise FileNotFoundError(f"{name} is not under {self.root} (moezoo never downloads): {err}") from err
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         if self.dataset == "digits":
             data = load_digits_splits(self.image_size, self.seed)
-            self.splits = {name: TensorDataset(*tensors) for name, tensors in data.items()}
+            self.splits = {
+                name: TensorDataset(torch.rot90(images, self.rotate90, dims=(2, 3)).contiguous(), labels)
+                for name, (images, labels) in data.items()
+            }
+        elif self.dataset.startswith("torchvision:"):
+            test = self._torchvision(False)
+            self.splits = {"train": self._torchvision(True), "val": test, "test": test}
         else:
             root = Path(self.root)
             self.splits = {s: self._folder(s) for s in _SPLITS if (root / s).is_dir()}

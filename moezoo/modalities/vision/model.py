@@ -10,9 +10,18 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from moezoo.layers.moe import MoE, RouterFactory
+from moezoo.layers.routed import routed_layers
+from moezoo.layers.soft_moe import SoftMoE
 from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
 
-__all__ = ["VisionTransformerMoE", "moe_block_indices", "VMOE_LOSS_WEIGHTS"]
+__all__ = [
+    "SoftMoEVisionTransformer",
+    "VMOE_LOSS_WEIGHTS",
+    "VisionTransformerMoE",
+    "bpr_router_factory",
+    "moe_block_indices",
+    "set_routing",
+]
 
 #: V-MoE's coefficients (configs/vmoe_paper: importance and load 0.005 each = 0.01 x their mean).
 VMOE_LOSS_WEIGHTS = {"importance": 0.005, "load": 0.005}
@@ -126,21 +135,15 @@ class VisionTransformerMoE(VisionTransformer):
         self.moe_indices = moe_block_indices(depth, moe_blocks)
         hidden = int(embed_dim * mlp_ratio)
         if router is None:
-            group_size = group_images * self.tokens_per_image
-
-            def router(dim: int, experts: int) -> BatchPrioritizedRouter:
-                return BatchPrioritizedRouter(
-                    dim,
-                    experts,
-                    k,
-                    noise_std=noise_std,
-                    capacity_factor=capacity_factor,
-                    eval_capacity_factor=eval_capacity_factor,
-                    batch_priority=batch_priority,
-                    group_size=group_size,
-                    capacity_multiple_of=capacity_multiple_of,
-                )
-
+            router = bpr_router_factory(
+                k,
+                noise_std=noise_std,
+                capacity_factor=capacity_factor,
+                eval_capacity_factor=eval_capacity_factor,
+                batch_priority=batch_priority,
+                group_size=group_images * self.tokens_per_image,
+                capacity_multiple_of=capacity_multiple_of,
+            )
         weights = VMOE_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights
         for i in self.moe_indices:
             moe = MoE(
@@ -162,27 +165,106 @@ class VisionTransformerMoE(VisionTransformer):
         """The MoE layers, in block order."""
         return [self.blocks[i].mlp for i in self.moe_indices]
 
-    def set_routing(self, *, eval_capacity_factor: float | None = None, batch_priority: bool | None = None) -> None:
-        """Change every BPR router's evaluation capacity or BPR flag (V-MoE's inference knob)."""
-        for moe in self.moe_layers():
-            r = moe.router
-            if eval_capacity_factor is not None:
-                r.eval_capacity_factor = float(eval_capacity_factor)
-            if batch_priority is not None:
-                r.batch_priority = bool(batch_priority)
+
+def bpr_router_factory(k: int = 2, **kwargs) -> RouterFactory:
+    """A factory ``(dim, num_experts) -> BatchPrioritizedRouter(dim, num_experts, k, **kwargs)``."""
+
+    def build(dim: int, num_experts: int) -> BatchPrioritizedRouter:
+        return BatchPrioritizedRouter(dim, num_experts, k, **kwargs)
+
+    return build
+
+
+def set_routing(model: nn.Module, *, eval_capacity_factor: float | None = None,
+                batch_priority: bool | None = None) -> None:
+    """Change every router's evaluation capacity factor and/or BPR flag (V-MoE's inference knob)."""
+    for _, layer in routed_layers(model):
+        router = getattr(layer, "router", None)
+        if eval_capacity_factor is not None and hasattr(router, "eval_capacity_factor"):
+            router.eval_capacity_factor = float(eval_capacity_factor)
+        if batch_priority is not None and hasattr(router, "batch_priority"):
+            router.batch_priority = bool(batch_priority)
+
+
+class SoftMoEVisionTransformer(VisionTransformer):
+    """Soft MoE ViT (Puigcerver et al. 2023): ``forward(images) -> (B, classes)``.
+
+    The reference backbone: no class token, global average pooling, QK-normalised attention; the
+    MLPs of the last ``moe_blocks`` blocks (default: the last half) become :class:`SoftMoE` layers,
+    routed per image.
+
+    Args (beyond timm's ViT):
+        moe_blocks: placement (see :func:`moe_block_indices`); None = the last half of the blocks.
+        num_experts: E (paper: 128 for S/16, B/16, L/16).
+        slots_per_expert: p (paper default 1).
+        expert_dropout: dropout inside the experts.
+        backend: expert-computation backend.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        *,
+        moe_blocks: str | list[int] | None = None,
+        num_experts: int = 128,
+        slots_per_expert: int = 1,
+        expert_dropout: float = 0.0,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            class_token=False,
+            global_pool="avg",
+            drop_rate=drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+        )
+        self.moe_indices = moe_block_indices(depth, moe_blocks or f"final_{max(depth // 2, 1)}")
+        hidden = int(embed_dim * mlp_ratio)
+        for i in self.moe_indices:
+            self.blocks[i].mlp = SoftMoE(
+                embed_dim, hidden, num_experts, slots_per_expert, activation="gelu", dropout=expert_dropout,
+                backend=backend,
+            )
+
+    def moe_layers(self) -> list[SoftMoE]:
+        """The Soft MoE layers, in block order."""
+        return [self.blocks[i].mlp for i in self.moe_indices]
 
 
 @torch.no_grad()
 def _init_vmoe(moe: MoE, identical: bool) -> None:
     """V-MoE's initialisation: xavier-uniform expert kernels, N(0, 1e-6) biases, lecun-normal router."""
-    for w in (moe.w_in, moe.w_out):
+    experts = moe.experts
+    for w in (experts.w_in, experts.w_out):
         fan_in, fan_out = w.shape[1], w.shape[2]
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         w.uniform_(-bound, bound)
-    for b in (moe.b_in, moe.b_out):
+    for b in (experts.b_in, experts.b_out):
         b.normal_(0.0, 1e-6)
     if identical:
-        moe.copy_expert_to_all(0)
+        experts.copy_expert_to_all(0)
     gate = getattr(moe.router, "gate", None)
     if isinstance(gate, nn.Linear):
         # flax lecun_normal: truncated normal at 2 std, std corrected for the truncation.

@@ -19,25 +19,45 @@ class ImageClassification(MoETask):
         model: e.g. :class:`~moezoo.modalities.vision.VisionTransformerMoE`.
         num_classes: classes (default: ``model.num_classes``).
         label_smoothing: cross-entropy label smoothing.
+        mixup_alpha: timm mixup alpha in training (V-MoE's ImageNet recipe: 0.2); 0 = off.
         **kwargs: optimiser and logging settings of :class:`~moezoo.task.MoETask`.
     """
 
-    def __init__(self, model: nn.Module, num_classes: int | None = None, label_smoothing: float = 0.0, **kwargs) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        **kwargs,
+    ) -> None:
         super().__init__(model, **kwargs)
         classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
         if not isinstance(classes, int) or classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (or the model must define it), got {classes!r}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mixup_alpha < 0:
+            raise ValueError(f"mixup_alpha must be >= 0, got {mixup_alpha}")
         self.num_classes = classes
         self.label_smoothing = label_smoothing
+        self.mixup = None
+        if mixup_alpha > 0:
+            from timm.data import Mixup
+
+            self.mixup = Mixup(mixup_alpha=mixup_alpha, label_smoothing=label_smoothing, num_classes=classes)
         self.accuracy = nn.ModuleDict({s: MulticlassAccuracy(classes, average="micro") for s in ("train_", "val_", "test_")})
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
         images, labels = batch
         self._batch_size = images.shape[0]
-        logits = self.model(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if stage == "train" and self.mixup is not None and images.shape[0] % 2 == 0:
+            mixed, soft_targets = self.mixup(images, labels)
+            logits = self.model(mixed)
+            loss = torch.sum(-soft_targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        else:
+            logits = self.model(images)
+            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         acc = self.accuracy[stage + "_"]
         acc(logits.detach(), labels)
         on_step = stage == "train"
@@ -46,17 +66,13 @@ class ImageClassification(MoETask):
         return loss
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        loss = self.add_aux_loss(self._shared_step(batch, "train"), "train")
-        self.maybe_log_routing()
-        return loss
+        return self.add_aux_loss(self._shared_step(batch, "train"), "train")
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
-        self.log_routing("val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
-        self.log_routing("test")
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch

@@ -1,0 +1,162 @@
+"""V-MoE and Soft MoE ViTs: placement, shapes, losses, BPR inside the model, upcycling."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from moezoo.layers import aux_loss
+from moezoo.modalities.vision import (
+    ImageDataModule,
+    SoftMoEVisionTransformer,
+    VisionTransformerMoE,
+    moe_block_indices,
+    set_routing,
+)
+from moezoo.routers import functional as RF
+from moezoo.zoo import upcycle_vit
+
+TINY = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    "depth, placement, expected",
+    [
+        (8, "every_2", [1, 3, 5, 7]),
+        (12, "every_3", [2, 5, 8, 11]),
+        (8, "last_2", [5, 7]),  # the reference counts "Last n" over odd blocks
+        (32, "last_5", [23, 25, 27, 29, 31]),
+        (12, "final_6", [6, 7, 8, 9, 10, 11]),
+        (4, [0, 2], [0, 2]),
+        (4, "none", []),
+    ],
+)
+def test_moe_block_placement_as_reference(depth, placement, expected):
+    assert moe_block_indices(depth, placement) == expected
+
+
+@pytest.mark.parametrize("bad", ["every", "last_9", "sometimes_2", [8]])
+def test_bad_placement_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="moe_blocks"):
+        moe_block_indices(8, bad)
+
+
+def test_vmoe_shapes_losses_and_paper_defaults():
+    torch.manual_seed(0)
+    model = VisionTransformerMoE(**TINY, moe_blocks="every_2", num_experts=4, k=2)
+    assert model.moe_indices == [1, 3]
+    layer = model.moe_layers()[0]
+    router = layer.router
+    assert (router.k, router.noise_std / router.num_experts, router.capacity_factor) == (2, 0.25, 1.05)
+    assert router.group_size == 8 * 17 and router.capacity_multiple_of == 4 and router.batch_priority
+    assert torch.equal(layer.experts.w_in[0], layer.experts.w_in[3])  # identical expert init
+    model.train()
+    logits = model(torch.randn(16, 1, 16, 16))
+    assert logits.shape == (16, 10)
+    losses = [m.last_losses for m in model.moe_layers()]
+    assert all(set(l) == {"importance", "load"} for l in losses)
+    expected = sum(0.005 * (l["importance"] + l["load"]) for l in losses)
+    assert torch.allclose(aux_loss(model), expected)
+    model.eval()
+    model(torch.randn(16, 1, 16, 16))
+    assert all(set(m.last_losses) == {"importance"} for m in model.moe_layers())
+
+
+def test_router_sees_the_second_layernorm_output():
+    model = VisionTransformerMoE(**TINY, num_experts=4).eval()
+    seen = {}
+    block = model.blocks[1]
+    block.mlp.router.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+    block.norm2.register_forward_hook(lambda m, args, out: seen.update(norm2=out))
+    model(torch.randn(2, 1, 16, 16))
+    assert torch.equal(seen["x"], seen["norm2"].reshape(-1, 32))
+
+
+def test_bpr_in_the_vit_drops_lowest_priority_first():
+    torch.manual_seed(1)
+    model = VisionTransformerMoE(**TINY, num_experts=4, k=2, eval_capacity_factor=0.3).eval()
+    captured = {}
+    layer = model.moe_layers()[0]
+    layer.router.register_forward_hook(lambda m, args, out: captured.update(x=args[0], routing=out))
+    model(torch.randn(16, 1, 16, 16))
+    routing = captured["routing"]
+    probs = torch.softmax(routing.logits, -1)
+    priority, top1 = probs.max(-1)
+    kept_first = torch.zeros(probs.shape[0], dtype=torch.bool)
+    mask = routing.expert == top1[routing.token]
+    kept_first[routing.token[mask]] = True
+    group = layer.router.group_size
+    assert routing.stats["dropped_fraction"] > 0.3
+    for g in range(probs.shape[0] // group):
+        sl = slice(g * group, (g + 1) * group)
+        for e in range(4):
+            chose = top1[sl] == e
+            kept = kept_first[sl] & chose
+            dropped = ~kept_first[sl] & chose
+            if kept.any() and dropped.any():
+                assert priority[sl][kept].min() >= priority[sl][dropped].max()
+
+
+def test_set_routing_changes_eval_capacity_and_bpr():
+    model = VisionTransformerMoE(**TINY, num_experts=4)
+    set_routing(model, eval_capacity_factor=0.5, batch_priority=False)
+    assert all(m.router.eval_capacity_factor == 0.5 and not m.router.batch_priority for m in model.moe_layers())
+
+
+def _naive_soft_moe(layer, x):
+    dispatch, combine = RF.soft_moe_weights(x, layer.mu, layer.scale)
+    ex = layer.experts
+    out = torch.zeros_like(x)
+    for g in range(x.shape[0]):
+        for e in range(layer.num_experts):
+            for p in range(layer.slots_per_expert):
+                slot = (dispatch[g, :, e, p, None] * x[g]).sum(0)
+                y = F.gelu(slot @ ex.w_in[e] + ex.b_in[e]) @ ex.w_out[e] + ex.b_out[e]
+                out[g] += combine[g, :, e, p, None] * y
+    return out
+
+
+def test_soft_moe_layer_against_naive_loop_and_shapes():
+    torch.manual_seed(2)
+    model = SoftMoEVisionTransformer(**TINY, num_experts=8, slots_per_expert=2)
+    assert model.moe_indices == [2, 3] and model.global_pool == "avg" and model.cls_token is None
+    layer = model.moe_layers()[0]
+    x = torch.randn(3, 16, 32)
+    assert torch.allclose(layer(x), _naive_soft_moe(layer, x), atol=1e-5)
+    assert layer.last_stats["tokens_per_expert"].sum().item() == pytest.approx(3 * 16, rel=1e-5)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    assert aux_loss(model).item() == 0.0
+
+
+def test_upcycled_vit_equals_dense_when_nothing_is_dropped():
+    torch.manual_seed(3)
+    dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
+    up = upcycle_vit(dense, moe_blocks="every_2", num_experts=4, k=2, capacity_factor=4.0)
+    assert up.moe_indices == list(range(1, 12, 2))
+    x = torch.randn(8, 3, 32, 32)
+    for mode in (False, True):  # noise in training changes the choice, not the (identical) experts
+        dense.train(mode)
+        up.train(mode)
+        out = up(x)
+        assert max(m.mlp.last_stats["dropped_fraction"].item() for m in up.blocks[1::2]) == 0.0
+        assert torch.allclose(out, dense(x), atol=1e-5)
+    assert dense.blocks[1].mlp.__class__.__name__ == "Mlp"  # the dense model is untouched
+
+
+def test_upcycling_rejects_non_vit():
+    with pytest.raises(ValueError, match="VisionTransformer"):
+        upcycle_vit(torch.nn.Linear(2, 2))
+
+
+def test_digits_datamodule_splits():
+    dm = ImageDataModule("digits", image_size=16, batch_size=32)
+    dm.setup()
+    sizes = {k: len(v) for k, v in dm.splits.items()}
+    assert sizes == {"train": 1257, "val": 270, "test": 270}
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (32, 1, 16, 16) and labels.max() < 10
+    assert images.min() >= -1.0 and images.max() <= 1.0
+    with pytest.raises(ValueError, match="needs root"):
+        ImageDataModule("folder")
