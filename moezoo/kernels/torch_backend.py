@@ -27,22 +27,13 @@ def grouped_mm_available(x: Tensor, weight: Tensor) -> bool:
     return torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
-def _grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, counts: Tensor, splits: list[int] | None) -> Tensor:
-    """Rows of x sorted by expert times their expert's weight: x (A, in), weight (E, in, out) -> (A, out)."""
-    if splits is None:
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        out = torch._grouped_mm(x, weight, offs=offsets)
-        if bias is not None:
-            out = out + bias.repeat_interleave(counts, dim=0, output_size=x.shape[0])
-        return out
-    parts = []
-    for e, rows in enumerate(torch.split(x, splits)):
-        if rows.shape[0] == 0:
-            continue
-        parts.append(rows @ weight[e] if bias is None else torch.addmm(bias[e], rows, weight[e]))
-    if not parts:
-        return x.new_zeros(0, weight.shape[-1])
-    return torch.cat(parts)
+def _expert_hidden(h: Tensor, act, gated: bool, dropout: float, training: bool) -> Tensor:
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        h = act(gate) * up
+    else:
+        h = act(h)
+    return F.dropout(h, dropout, training) if dropout > 0 else h
 
 
 def expert_mlp_torch(
@@ -64,22 +55,42 @@ def expert_mlp_torch(
     act = get_activation(activation)
     num_experts = w_in.shape[0]
     order = torch.argsort(expert, stable=True)
-    tok, exp, wgt = token[order], expert[order], weight[order]
-    counts = torch.bincount(exp, minlength=num_experts)
-    splits = None if grouped_mm_available(x, w_in) else counts.tolist()
-
-    rows = x.index_select(0, tok)  # (A, dim)
-    h = _grouped_linear(rows, w_in, b_in, counts, splits)
-    if gated:
-        gate, up = h.chunk(2, dim=-1)
-        h = act(gate) * up
-    else:
-        h = act(h)
-    if dropout > 0:
-        h = F.dropout(h, dropout, training)
-    y = _grouped_linear(h, w_out, b_out, counts, splits)
-    if dropout > 0:
-        y = F.dropout(y, dropout, training)
-    y = y * wgt.to(y.dtype).unsqueeze(1)
+    tok, wgt = token[order], weight[order].to(x.dtype)
+    counts = torch.bincount(expert[order], minlength=num_experts)
     out = x.new_zeros(x.shape[0], w_out.shape[-1])
-    return out.index_add(0, tok, y)
+
+    if grouped_mm_available(x, w_in):
+        # One grouped GEMM per projection over the expert-sorted rows, no host synchronisation.
+        offsets = torch.cumsum(counts, 0).to(torch.int32)
+        rows = x.index_select(0, tok)
+        h = torch._grouped_mm(rows, w_in, offs=offsets)
+        if b_in is not None:
+            h = h + b_in.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
+        y = torch._grouped_mm(_expert_hidden(h, act, gated, dropout, training), w_out, offs=offsets)
+        if b_out is not None:
+            y = y + b_out.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
+        if dropout > 0:
+            y = F.dropout(y, dropout, training)
+        return out.index_add_(0, tok, y * wgt.unsqueeze(1))
+
+    # Elsewhere one expert at a time over its contiguous slice of the sorted assignments: no
+    # concatenated intermediates, each expert's output is scattered straight into ``out``.
+    # unbind() once, not w[e] per expert: the backward of each w[e] would build a full-size
+    # gradient of the whole stack (64 experts: 64 x the weight memory traffic).
+    w_in_e, w_out_e = w_in.unbind(0), w_out.unbind(0)
+    b_in_e = None if b_in is None else b_in.unbind(0)
+    b_out_e = None if b_out is None else b_out.unbind(0)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        if n == 0:
+            continue
+        rows_tok = tok[start : start + n]
+        rows = x.index_select(0, rows_tok)
+        h = rows @ w_in_e[e] if b_in_e is None else torch.addmm(b_in_e[e], rows, w_in_e[e])
+        h = _expert_hidden(h, act, gated, dropout, training)
+        y = h @ w_out_e[e] if b_out_e is None else torch.addmm(b_out_e[e], h, w_out_e[e])
+        if dropout > 0:
+            y = F.dropout(y, dropout, training)
+        out.index_add_(0, rows_tok, y * wgt[start : start + n].unsqueeze(1))
+        start += n
+    return out

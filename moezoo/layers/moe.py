@@ -77,10 +77,12 @@ class MoE(RoutedLayer):
             router = TopKRouter(dim, num_experts, k=2)
         elif not isinstance(router, nn.Module):
             router = router(dim, num_experts)
-        if getattr(router, "num_experts", num_experts) != num_experts or getattr(router, "dim", dim) != dim:
+        # The router's own input size is checked by the router: it may route on other features
+        # than the layer input (``router_input`` in forward, e.g. SpeechMoE's shared embedding).
+        if getattr(router, "num_experts", num_experts) != num_experts:
             raise ValueError(
-                f"MoE: router is for dim={getattr(router, 'dim', '?')}, num_experts="
-                f"{getattr(router, 'num_experts', '?')} but the layer has dim={dim}, num_experts={num_experts}"
+                f"MoE: router is for num_experts={getattr(router, 'num_experts', '?')} but the layer has "
+                f"num_experts={num_experts}"
             )
         self.router = router
         self.experts = Experts(
@@ -97,8 +99,13 @@ class MoE(RoutedLayer):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}"
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
-        """x: (..., dim) -> (..., dim). ``token_ids`` (x.shape[:-1]) feeds routers that hash ids."""
+    def forward(self, x: Tensor, token_ids: Tensor | None = None, router_input: Tensor | None = None) -> Tensor:
+        """x: (..., dim) -> (..., dim).
+
+        Args:
+            token_ids: (x.shape[:-1]) ints for routers that hash token ids.
+            router_input: (x.shape[:-1], router dim) features the router sees instead of ``x``.
+        """
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"MoE: x must have shape (..., dim={self.dim}), got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.dim)
@@ -108,7 +115,15 @@ class MoE(RoutedLayer):
         seq = x.shape[-2] if x.dim() >= 2 else 1
         positions = torch.arange(seq, device=x.device).expand(x.shape[:-1]).reshape(-1)
         ids = None if token_ids is None else token_ids.reshape(-1)
-        routing = self.router(flat, token_ids=ids, positions=positions)
+        if router_input is None:
+            route_on = flat
+        elif router_input.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"MoE: router_input must have shape {tuple(x.shape[:-1])} + (features,), got {tuple(router_input.shape)}"
+            )
+        else:
+            route_on = router_input.reshape(flat.shape[0], -1)
+        routing = self.router(route_on, token_ids=ids, positions=positions)
         out = self.experts(flat, routing)
         if self.shared is not None:
             shared = self.shared(flat)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -128,17 +129,22 @@ def shipped_weights(name: str, **cfg: Any) -> PretrainedCfg | None:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
-# Modality packages register their entries on import; they are imported on first use of the zoo.
-_ENTRY_MODULES = ("moezoo.modalities.vision.zoo",)
 _loaded = False
 
 
 def _ensure_loaded() -> None:
+    """Import every ``moezoo.modalities.<modality>.zoo`` module once: they register the entries."""
     global _loaded
-    if not _loaded:
-        _loaded = True
-        for module in _ENTRY_MODULES:
-            importlib.import_module(module)
+    if _loaded:
+        return
+    _loaded = True
+    import pkgutil
+
+    import moezoo.modalities as modalities
+
+    for info in sorted(pkgutil.iter_modules(modalities.__path__), key=lambda m: m.name):
+        if info.ispkg and importlib.util.find_spec(f"moezoo.modalities.{info.name}.zoo") is not None:
+            importlib.import_module(f"moezoo.modalities.{info.name}.zoo")
 
 
 def register_model(

@@ -45,6 +45,8 @@ def test_router_factory_and_validation():
     assert isinstance(moe.router, SigmoidRouter) and moe.router.num_experts == 4
     with pytest.raises(ValueError, match="router is for"):
         MoE(8, 16, 4, TopKRouter(8, 6))
+    with pytest.raises(ValueError, match="dim=8"):
+        MoE(6, 16, 4, TopKRouter(8, 4))(torch.randn(3, 6))
     with pytest.raises(ValueError, match="hidden must be"):
         MoE(8, 0, 4)
     with pytest.raises(ValueError, match="shape"):
@@ -127,3 +129,16 @@ def test_balancing_keeps_load_near_uniform_and_its_absence_skews_it():
     assert skewed > 0.9 and no_bias > 0.9
     assert with_loss < 2 * uniform
     assert loss_free < 2 * uniform
+
+
+def test_router_input_replaces_x_for_routing():
+    torch.manual_seed(4)
+    moe = MoE(6, 12, 4, TopKRouter(10, 4, k=1))
+    x, context = torch.randn(2, 5, 6), torch.randn(2, 5, 10)
+    out = moe(x, router_input=context)
+    routing = moe.router.eval()(context.reshape(-1, 10))
+    moe.eval()
+    assert torch.allclose(moe(x, router_input=context), moe.experts(x.reshape(-1, 6), routing).view(2, 5, 6))
+    assert out.shape == x.shape
+    with pytest.raises(ValueError, match="router_input must have shape"):
+        moe(x, router_input=torch.randn(2, 4, 10))
