@@ -37,6 +37,16 @@ def naive_loop_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def timeit(fn, repeats: int, warmup: int = 2) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs."""
     for _ in range(warmup):
@@ -111,7 +121,7 @@ def main() -> None:
     report = {
         "benchmark": "moe_layer",
         "command": "python benchmarks/moe_layer.py" + (" --quick" if args.quick else ""),
-        "device": f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "device": f"cpu: {cpu_name()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "dtype": "float32",
         "target": "E=8, k=2 forward+backward within 1.25x of the dense-equivalent time",

@@ -113,7 +113,7 @@ class RoutingMonitor(Callback):
         for name, layer in layers:
             for key, value in layer_statistics(layer.last_stats, layer.last_losses).items():
                 pl_module.log(f"routing_{stage}/{name}/{key}", value, on_step=on_step, on_epoch=not on_step,
-                              batch_size=1)
+                              batch_size=1, sync_dist=True)
 
     # -- validation --------------------------------------------------------------------------
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -129,7 +129,9 @@ class RoutingMonitor(Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.heatmaps and self._val_counts and not trainer.sanity_checking:
-            self._heatmap(trainer, routed_layers(pl_module), self._val_counts, "val")
+            # Every rank routed its own share of the data: the picture shows all of them.
+            counts = {n: trainer.strategy.reduce(c, reduce_op="sum") for n, c in sorted(self._val_counts.items())}
+            self._heatmap(trainer, routed_layers(pl_module), counts, "val")
 
     # -- pictures ----------------------------------------------------------------------------
     @rank_zero_only

@@ -64,12 +64,27 @@ class MoETask(L.LightningModule):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def configure_model(self) -> None:
+        """Fully sharded data parallelism (FSDP2) under Lightning's ``ModelParallelStrategy``: each
+        transformer block (``model.blocks`` or ``model.layers``) is one sharding unit, then the rest.
+        Lightning's ``FSDPStrategy`` (FSDP1) needs a GPU; this path also runs on CPU with gloo."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        for attribute in ("blocks", "layers"):
+            for block in getattr(self.model, attribute, None) or []:
+                fully_shard(block, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+
     # -- objective -----------------------------------------------------------------------------
     def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor:
         """``main_loss`` plus the weighted routing losses of the last forward; logs the latter."""
         aux = aux_loss(self.model, self.aux_loss_weights)
         batch_size = getattr(self, "_batch_size", None)
-        self.log(f"{stage}/aux_loss", aux.detach(), batch_size=batch_size)
+        self.log(f"{stage}/aux_loss", aux.detach(), batch_size=batch_size, sync_dist=stage != "train")
         return main_loss + aux
 
     def configure_callbacks(self):

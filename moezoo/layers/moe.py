@@ -89,6 +89,7 @@ class MoE(RoutedLayer):
             num_experts, dim, hidden, activation, gated=gated, bias=bias, dropout=dropout,
             identical_init=identical_init, backend=backend,
         )
+        self.expert_parallel = None  # set by moezoo.layers.expert_parallel.shard_experts
         self.shared = None
         self.shared_gate = None
         if shared_experts:
@@ -124,7 +125,12 @@ class MoE(RoutedLayer):
         else:
             route_on = router_input.reshape(flat.shape[0], -1)
         routing = self.router(route_on, token_ids=ids, positions=positions)
-        out = self.experts(flat, routing)
+        if self.expert_parallel is None:
+            out = self.experts(flat, routing)
+        else:
+            from moezoo.layers.expert_parallel import expert_parallel_mlp
+
+            out = expert_parallel_mlp(flat, routing, self.experts, self.expert_parallel)
         if self.shared is not None:
             shared = self.shared(flat)
             if self.shared_gate is not None:

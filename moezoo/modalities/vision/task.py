@@ -61,7 +61,8 @@ class ImageClassification(MoETask):
         acc = self.accuracy[stage + "_"]
         acc(logits.detach(), labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True, batch_size=self._batch_size)
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True,
+                 batch_size=self._batch_size, sync_dist=True)
         self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=self._batch_size)
         return loss
 
