@@ -9,16 +9,30 @@ Public API::
 
 from moezoo import kernels, layers, routers
 from moezoo.kernels import expert_mlp
-from moezoo.layers import MLP, MoE, aux_loss, routing_stats
+from moezoo.layers import (
+    MLP,
+    MixtureOfAttentionHeads,
+    MoE,
+    MultimodalMoE,
+    SoftMoE,
+    SwitchHeadAttention,
+    aux_loss,
+    parameter_counts,
+    routing_stats,
+)
 from moezoo.routers import (
     BalancedAssignmentRouter,
     BatchPrioritizedRouter,
     ExpertChoiceRouter,
     HashRouter,
+    MoARouter,
     Router,
     Routing,
+    SigmaMoERouter,
     SigmoidRouter,
     SinkhornRouter,
+    SpeechMoERouter,
+    SwitchHeadSelector,
     TopKRouter,
 )
 from moezoo.zoo import PretrainedCfg, create_model, list_models, load_checkpoint, register_model, save_checkpoint
@@ -31,12 +45,20 @@ __all__ = [
     "BatchPrioritizedRouter",
     "ExpertChoiceRouter",
     "HashRouter",
+    "MixtureOfAttentionHeads",
+    "MoARouter",
     "MoE",
+    "MultimodalMoE",
     "PretrainedCfg",
     "Router",
     "Routing",
+    "SigmaMoERouter",
     "SigmoidRouter",
     "SinkhornRouter",
+    "SoftMoE",
+    "SpeechMoERouter",
+    "SwitchHeadAttention",
+    "SwitchHeadSelector",
     "TopKRouter",
     "aux_loss",
     "create_model",
@@ -45,6 +67,7 @@ __all__ = [
     "layers",
     "list_models",
     "load_checkpoint",
+    "parameter_counts",
     "register_model",
     "routers",
     "routing_stats",

@@ -6,6 +6,7 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from moezoo.layers.routed import aux_loss
@@ -29,6 +30,9 @@ class MoETask(L.LightningModule):
         aux_loss_weights: coefficient per routing-loss name for every layer; None uses each
             layer's own coefficients (e.g. V-MoE's 0.005 importance + 0.005 load).
         log_routing_every_n_steps: how often routing statistics and heatmaps are logged in training.
+        nonfinite: what a NaN/inf in training does: ``"raise"`` (routers raise a ``ValueError`` naming
+            it) or ``"skip"`` (routers stop checking; a step whose loss is not finite is skipped with a
+            warning, and the count is logged as ``train/skipped_steps``).
     """
 
     def __init__(
@@ -42,8 +46,11 @@ class MoETask(L.LightningModule):
         min_lr_ratio: float = 0.0,
         aux_loss_weights: dict[str, float] | None = None,
         log_routing_every_n_steps: int = 50,
+        nonfinite: str = "raise",
     ) -> None:
         super().__init__()
+        if nonfinite not in ("raise", "skip"):
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if weight_decay < 0:
@@ -59,6 +66,12 @@ class MoETask(L.LightningModule):
         self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
         self.aux_loss_weights = None if aux_loss_weights is None else dict(aux_loss_weights)
         self.log_routing_every_n_steps = log_routing_every_n_steps
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        if nonfinite == "skip":
+            for module in model.modules():
+                if hasattr(module, "check_finite"):
+                    module.check_finite = False
         self.save_hyperparameters(ignore=["model"])
 
     def forward(self, *args, **kwargs):
@@ -80,21 +93,33 @@ class MoETask(L.LightningModule):
         fully_shard(self.model, mesh=data_parallel)
 
     # -- objective -----------------------------------------------------------------------------
-    def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor:
-        """``main_loss`` plus the weighted routing losses of the last forward; logs the latter."""
+    def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor | None:
+        """``main_loss`` plus the weighted routing losses of the last forward; logs the latter.
+
+        Returns None (Lightning then skips the optimiser step) when the total is not finite and the
+        task was built with ``nonfinite="skip"``.
+        """
         aux = aux_loss(self.model, self.aux_loss_weights)
         batch_size = getattr(self, "_batch_size", None)
         self.log(f"{stage}/aux_loss", aux.detach(), batch_size=batch_size, sync_dist=stage != "train")
-        return main_loss + aux
+        total = main_loss + aux
+        if self.nonfinite == "skip" and stage == "train" and not bool(torch.isfinite(total.detach())):
+            self.skipped_steps += 1
+            rank_zero_warn(f"moezoo: non-finite loss at step {self.global_step}: step skipped "
+                           f"({self.skipped_steps} so far)")
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=batch_size)
+            return None
+        return total
 
     def configure_callbacks(self):
-        """A :class:`~moezoo.monitoring.RoutingMonitor`, unless the trainer already has one."""
+        """A :class:`~moezoo.monitoring.RoutingMonitor` and a :class:`~moezoo.resume.RNGStateCheckpoint`
+        (exact resumption), unless the trainer already has them."""
         from moezoo.monitoring import RoutingMonitor
+        from moezoo.resume import RNGStateCheckpoint
 
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(c, RoutingMonitor) for c in trainer.callbacks):
-            return []
-        return [RoutingMonitor(every_n_steps=self.log_routing_every_n_steps)]
+        present = {type(c) for c in (self._trainer.callbacks if self._trainer is not None else [])}
+        wanted = [RoutingMonitor(every_n_steps=self.log_routing_every_n_steps), RNGStateCheckpoint()]
+        return [c for c in wanted if not any(issubclass(p, type(c)) for p in present)]
 
     # -- optimisation --------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -105,9 +130,20 @@ class MoETask(L.LightningModule):
             (decay if p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
-        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(total))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor(self._total_steps()))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimiser steps of the run, for the schedule. With ``max_steps`` set, that; otherwise
+        Lightning's estimate. The estimate builds the fit loop's training loader before a checkpoint
+        is restored, and Lightning then skips restoring the loader's position, so it is avoided when
+        it is not needed (exact mid-epoch resumption, see :mod:`moezoo.resume`)."""
+        trainer = self._trainer
+        if trainer is None:
+            return 1
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        return max(int(trainer.estimated_stepping_batches), 1)
 
     def _lr_factor(self, total_steps: int):
         warmup, floor = self.warmup_steps, self.min_lr_ratio

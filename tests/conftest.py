@@ -28,9 +28,6 @@ def vmoe_reference() -> dict[str, np.ndarray]:
     return data
 
 
-def cases(data: dict, prefix: str) -> list[str]:
-    return sorted({k[len(prefix):].split("/")[0] for k in data if isinstance(k, str) and k.startswith(prefix)})
-
 
 def naive_expert_mlp(x, token, expert, weight, w_in, w_out, activation="gelu", b_in=None, b_out=None, gated=False):
     """Per-assignment Python loop: the independent reference for every expert_mlp backend."""

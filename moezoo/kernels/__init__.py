@@ -14,7 +14,7 @@ from moezoo.kernels.activations import ACTIVATIONS, get_activation
 from moezoo.kernels.torch_backend import expert_mlp_torch
 from moezoo.routers.routing import Routing
 
-__all__ = ["ACTIVATIONS", "BACKENDS", "expert_mlp", "get_activation", "resolve_backend"]
+__all__ = ["ACTIVATIONS", "BACKENDS", "expert_linear", "expert_mlp", "get_activation", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -36,7 +36,7 @@ def _triton_importable() -> bool:
     return True
 
 
-def _check_shapes(x: Tensor, routing: Routing, w_in: Tensor, w_out: Tensor, gated: bool,
+def _check_shapes(x: Tensor, routing: Routing, w_in: Tensor, w_out: Tensor | None, gated: bool,
                   b_in: Tensor | None, b_out: Tensor | None) -> None:
     if x.dim() != 2:
         raise ValueError(f"x must have shape (tokens, dim), got shape {tuple(x.shape)}")
@@ -51,19 +51,19 @@ def _check_shapes(x: Tensor, routing: Routing, w_in: Tensor, w_out: Tensor, gate
     if gated and width % 2:
         raise ValueError(f"gated experts need an even w_in width (gate and up halves), got {width}")
     hidden = width // 2 if gated else width
-    if w_out.shape != (experts, hidden, w_out.shape[-1]) or w_out.dim() != 3:
+    if w_out is not None and (w_out.dim() != 3 or w_out.shape[:2] != (experts, hidden)):
         raise ValueError(f"w_out must have shape (experts={experts}, hidden={hidden}, dim_out), got {tuple(w_out.shape)}")
     if b_in is not None and b_in.shape != (experts, width):
         raise ValueError(f"b_in must have shape ({experts}, {width}), got {tuple(b_in.shape)}")
-    if b_out is not None and b_out.shape != (experts, w_out.shape[-1]):
-        raise ValueError(f"b_out must have shape ({experts}, {w_out.shape[-1]}), got {tuple(b_out.shape)}")
+    if b_out is not None and (w_out is None or b_out.shape != (experts, w_out.shape[-1])):
+        raise ValueError(f"b_out must have shape (experts, dim_out) and needs w_out, got {tuple(b_out.shape)}")
 
 
 def expert_mlp(
     x: Tensor,
     routing: Routing,
     w_in: Tensor,
-    w_out: Tensor,
+    w_out: Tensor | None,
     activation: str = "gelu",
     *,
     b_in: Tensor | None = None,
@@ -79,7 +79,8 @@ def expert_mlp(
         x: (tokens, dim) input rows.
         routing: the assignments (``token``, ``expert``, ``weight``, each (A,)).
         w_in: (experts, dim, hidden), or (experts, dim, 2 * hidden) with ``gated`` ([gate | up]).
-        w_out: (experts, hidden, dim_out).
+        w_out: (experts, hidden, dim_out), or None for single-projection experts
+            (``act(x @ w_in[e] + b_in[e])``; see :func:`expert_linear`).
         activation: one of :data:`ACTIVATIONS`.
         b_in: optional (experts, w_in width) bias.
         b_out: optional (experts, dim_out) bias.
@@ -94,6 +95,8 @@ def expert_mlp(
     _check_shapes(x, routing, w_in, w_out, gated, b_in, b_out)
     get_activation(activation)
     chosen = resolve_backend(backend, x)
+    if chosen == "triton" and w_out is None:
+        chosen = "torch"  # the Triton kernels fuse two projections; a single one runs on the torch path
     if chosen == "triton":
         from moezoo.kernels.triton_backend import expert_mlp_triton
 
@@ -105,3 +108,23 @@ def expert_mlp(
         x, routing.token, routing.expert, routing.weight, w_in, w_out, activation,
         b_in=b_in, b_out=b_out, gated=gated, dropout=dropout, training=training,
     )
+
+
+def expert_linear(x: Tensor, routing: Routing, weight: Tensor, *, bias: Tensor | None = None,
+                  backend: str = "auto") -> Tensor:
+    """Linear experts: ``out[t] = sum over assignments a of t: weight_a * (x[t] @ weight[e_a] + bias[e_a])``.
+
+    The expert computation of attention experts (MoA's query/output projections, SwitchHead's
+    value/output projections): :func:`expert_mlp` with one projection and no activation.
+
+    Args:
+        x: (rows, d_in).
+        routing: assignments over ``rows`` rows and ``weight.shape[0]`` experts.
+        weight: (experts, d_in, d_out).
+        bias: optional (experts, d_out).
+        backend: "auto", "torch" or "triton" (single projections run on the torch path).
+
+    Returns:
+        (rows, d_out); rows without an assignment are zero.
+    """
+    return expert_mlp(x, routing, weight, None, "identity", b_in=bias, backend=backend)

@@ -14,6 +14,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),  # flax.linen.gelu's default
     "silu": F.silu,
     "relu": F.relu,
+    "identity": lambda t: t,  # single linear experts (expert_linear)
 }
 
 

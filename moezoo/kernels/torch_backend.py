@@ -42,7 +42,7 @@ def expert_mlp_torch(
     expert: Tensor,
     weight: Tensor,
     w_in: Tensor,
-    w_out: Tensor,
+    w_out: Tensor | None,
     activation: str = "gelu",
     *,
     b_in: Tensor | None = None,
@@ -57,7 +57,8 @@ def expert_mlp_torch(
     order = torch.argsort(expert, stable=True)
     tok, wgt = token[order], weight[order].to(x.dtype)
     counts = torch.bincount(expert[order], minlength=num_experts)
-    out = x.new_zeros(x.shape[0], w_out.shape[-1])
+    width = w_in.shape[-1] // (2 if gated else 1) if w_out is None else w_out.shape[-1]
+    out = x.new_zeros(x.shape[0], width)
 
     if grouped_mm_available(x, w_in):
         # One grouped GEMM per projection over the expert-sorted rows, no host synchronisation.
@@ -66,7 +67,9 @@ def expert_mlp_torch(
         h = torch._grouped_mm(rows, w_in, offs=offsets)
         if b_in is not None:
             h = h + b_in.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
-        y = torch._grouped_mm(_expert_hidden(h, act, gated, dropout, training), w_out, offs=offsets)
+        y = _expert_hidden(h, act, gated, dropout, training)
+        if w_out is not None:
+            y = torch._grouped_mm(y, w_out, offs=offsets)
         if b_out is not None:
             y = y + b_out.repeat_interleave(counts, dim=0, output_size=rows.shape[0])
         if dropout > 0:
@@ -77,7 +80,8 @@ def expert_mlp_torch(
     # concatenated intermediates, each expert's output is scattered straight into ``out``.
     # unbind() once, not w[e] per expert: the backward of each w[e] would build a full-size
     # gradient of the whole stack (64 experts: 64 x the weight memory traffic).
-    w_in_e, w_out_e = w_in.unbind(0), w_out.unbind(0)
+    w_in_e = w_in.unbind(0)
+    w_out_e = None if w_out is None else w_out.unbind(0)
     b_in_e = None if b_in is None else b_in.unbind(0)
     b_out_e = None if b_out is None else b_out.unbind(0)
     start = 0
@@ -88,7 +92,10 @@ def expert_mlp_torch(
         rows = x.index_select(0, rows_tok)
         h = rows @ w_in_e[e] if b_in_e is None else torch.addmm(b_in_e[e], rows, w_in_e[e])
         h = _expert_hidden(h, act, gated, dropout, training)
-        y = h @ w_out_e[e] if b_out_e is None else torch.addmm(b_out_e[e], h, w_out_e[e])
+        if w_out_e is None:
+            y = h
+        else:
+            y = h @ w_out_e[e] if b_out_e is None else torch.addmm(b_out_e[e], h, w_out_e[e])
         if dropout > 0:
             y = F.dropout(y, dropout, training)
         out.index_add_(0, rows_tok, y * wgt[start : start + n].unsqueeze(1))

@@ -49,7 +49,7 @@ from moezoo.kernels.triton_router import INTERPRET, sort_by_expert
 __all__ = ["INTERPRET", "expert_mlp_triton"]
 
 # Activation codes, shared by the Python wrappers and the kernels (0: no activation).
-_ACT_CODES = {"gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
+_ACT_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
 _WARNED: set[str] = set()  # fallback reasons already warned about: each warns once per process

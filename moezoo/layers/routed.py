@@ -31,6 +31,24 @@ class RoutedLayer(nn.Module):
         self.last_losses = dict(losses)
         self.last_stats = {k: v.detach() for k, v in stats.items()}
 
+    def expert_parameters(self) -> list[tuple[nn.Parameter, float]]:
+        """(parameter, share of it active per token) for the layer's routed expert weights.
+
+        Default: the :class:`~moezoo.layers.experts.Experts` banks inside the layer, active at
+        ``k / E`` with k the router's experts per token (``capacity_factor`` for expert choice, 1
+        for routers without k); a layer that runs every expert (Soft MoE) reports them all active.
+        """
+        from moezoo.layers.experts import Experts
+
+        router = getattr(self, "router", None)
+        per_token = getattr(router, "k", None) or getattr(router, "capacity_factor", None) or 1
+        out = []
+        for module in self.modules():
+            if isinstance(module, Experts):
+                share = 1.0 if router is None else min(per_token, module.num_experts) / module.num_experts
+                out += [(p, share) for p in module.parameters()]
+        return out
+
 
 def routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:
     """(qualified name, layer) of every routed layer in ``model``, in module order."""
@@ -73,23 +91,8 @@ def routing_stats(model: nn.Module) -> dict[str, dict[str, Tensor]]:
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Total parameters and parameters active per token.
-
-    An expert bank inside a routed layer counts ``k / E`` of its parameters as active, with k the
-    router's experts per token (``capacity_factor`` for expert choice, 1 for routers without k);
-    Soft MoE runs every expert on its slots, so all of its experts count as active.
-    """
-    from moezoo.layers.experts import Experts
-
+    """Total parameters and parameters active per token (see :meth:`RoutedLayer.expert_parameters`)."""
     total = sum(p.numel() for p in model.parameters())
-    inactive = 0.0
-    for _, layer in routed_layers(model):
-        router = getattr(layer, "router", None)
-        if router is None:
-            continue
-        per_token = getattr(router, "k", None) or getattr(router, "capacity_factor", None) or 1
-        for module in layer.modules():
-            if isinstance(module, Experts):
-                size = sum(p.numel() for p in module.parameters())
-                inactive += size * max(0.0, 1.0 - min(per_token, module.num_experts) / module.num_experts)
+    inactive = sum(p.numel() * (1.0 - share) for _, layer in routed_layers(model)
+                   for p, share in layer.expert_parameters())
     return {"total": total, "active": int(round(total - inactive))}

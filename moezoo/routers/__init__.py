@@ -6,9 +6,13 @@ from moezoo.routers.base import Router
 from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
 from moezoo.routers.expert_choice import ExpertChoiceRouter
 from moezoo.routers.hash import HashRouter
+from moezoo.routers.moa import MoARouter
 from moezoo.routers.routing import Routing
+from moezoo.routers.sigma_moe import SigmaMoERouter
 from moezoo.routers.sigmoid import SigmoidRouter
 from moezoo.routers.sinkhorn import SinkhornRouter
+from moezoo.routers.speech_moe import SpeechMoERouter
+from moezoo.routers.switchhead import SwitchHeadSelector
 from moezoo.routers.top_k import TopKRouter
 
 __all__ = [
@@ -16,10 +20,14 @@ __all__ = [
     "BatchPrioritizedRouter",
     "ExpertChoiceRouter",
     "HashRouter",
+    "MoARouter",
     "Router",
     "Routing",
+    "SigmaMoERouter",
     "SigmoidRouter",
     "SinkhornRouter",
+    "SpeechMoERouter",
+    "SwitchHeadSelector",
     "TopKRouter",
     "functional",
     "losses",

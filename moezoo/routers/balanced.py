@@ -14,7 +14,7 @@ __all__ = ["BalancedAssignmentRouter"]
 
 class BalancedAssignmentRouter(Router):
     """BASE routing: in training, each expert gets an equal share of tokens (``ceil(tokens/E)``
-    places) and the assignment maximises the total token-expert affinity (an auction solves the
+    places) and the assignment maximises the total token-expert affinity (solved exactly as a
     linear assignment, :func:`moezoo.routers.functional.balanced_assignment`); at evaluation each
     token takes its best expert (greedy top-1). The weight is ``sigmoid(affinity)``, as the BASE
     layer's output ``x + sigmoid(x . w_e) * f_e(x)``.

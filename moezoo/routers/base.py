@@ -64,6 +64,8 @@ class Router(nn.Module):
             raise ValueError(f"{name}: x must have shape (tokens, dim={self.dim}), got shape {tuple(x.shape)}")
         if x.shape[1] != self.dim:
             raise ValueError(f"{name}: x has feature size {x.shape[1]}, expected dim={self.dim}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name}: x has no tokens (shape {tuple(x.shape)}); route at least one token")
         if not x.is_floating_point():
             raise ValueError(f"{name}: x must be a floating tensor, got dtype {x.dtype}")
 

@@ -53,6 +53,8 @@ class HashRouter(nn.Module):
         """Route x: (tokens, dim) by token_ids or positions, each (tokens,) int64."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(f"HashRouter: x must have shape (tokens, dim={self.dim}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"HashRouter: x has no tokens (shape {tuple(x.shape)}); route at least one token")
         ids = token_ids if self.key == "token" else positions
         if ids is None:
             raise ValueError(

@@ -6,14 +6,23 @@ group, as V-MoE routes per group of images) and return their mean.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "cv_squared",
+    "global_entropy_loss",
     "importance_loss",
     "load_balancing_loss",
     "load_loss",
+    "local_entropy_loss",
+    "marginal_entropy_loss",
+    "mean_importance_loss",
+    "moa_cv_loss",
+    "sparsity_l1_loss",
     "z_loss",
 ]
 
@@ -113,3 +122,105 @@ def z_loss(logits: Tensor) -> Tensor:
     """
     _check_routing_tensor(logits, "logits")
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def _entropy(p: Tensor, dim: int = -1) -> Tensor:
+    return -(p * torch.log(p.clamp_min(1e-20))).sum(dim=dim)
+
+
+def local_entropy_loss(probs: Tensor) -> Tensor:
+    """LIMoE's local entropy loss: the mean over tokens of each token's routing entropy,
+    ``(1/n) sum_x H(p(.|x))``; minimising it makes every token's routing confident.
+
+    Args:
+        probs: (tokens, experts) router probabilities of the tokens of one modality.
+    """
+    _check_routing_tensor(probs, "probs")
+    return _entropy(probs.float()).mean()
+
+
+def global_entropy_loss(probs: Tensor, threshold: float | None = None) -> Tensor:
+    """LIMoE's global entropy loss: minus the entropy of the modality's mean routing distribution,
+    ``-H(mean_x p(.|x))``; minimising it spreads the modality over many experts. With ``threshold``
+    tau it is ``max(0, tau - H(mean_x p))``: no pressure once the modality uses about ``exp(tau)``
+    experts' worth of entropy (LIMoE's thresholded variant, so a modality may keep a subset).
+
+    Args:
+        probs: (tokens, experts) router probabilities of the tokens of one modality.
+        threshold: tau in nats, or None for the plain loss.
+    """
+    _check_routing_tensor(probs, "probs")
+    entropy = _entropy(probs.float().mean(dim=0))
+    if threshold is None:
+        return -entropy
+    return torch.clamp(threshold - entropy, min=0.0)
+
+
+def sparsity_l1_loss(probs: Tensor, eps: float = 1e-20) -> Tensor:
+    """SpeechMoE's sparsity L1 loss: mean over frames of the L1 norm of the unit-L2 router distribution,
+    ``(1/m) sum_i || p_i / ||p_i||_2 ||_1``: 1 when every frame's distribution is one-hot, sqrt(n) when
+    uniform over n experts (formula as in the authors' later code, tencent-ailab/3m-asr).
+
+    Args:
+        probs: (..., frames, experts) router probabilities (softmax output).
+        eps: floor of the L2 norm.
+    """
+    _check_routing_tensor(probs, "probs")
+    p = probs.float().reshape(-1, probs.shape[-1])
+    unit = p / p.norm(p=2, dim=-1, keepdim=True).clamp_min(eps)
+    return unit.abs().sum(dim=-1).mean()
+
+
+def mean_importance_loss(probs: Tensor) -> Tensor:
+    """SpeechMoE's mean importance loss ``n * sum_j Imp_j^2`` with ``Imp = (1/m) sum_i p_i`` the mean
+    router distribution over the m frames: 1 when the experts' mean probabilities are equal, n when
+    one expert takes everything.
+
+    Args:
+        probs: (..., frames, experts) router probabilities.
+    """
+    _check_routing_tensor(probs, "probs")
+    p = probs.float().reshape(-1, probs.shape[-1])
+    return p.shape[-1] * p.mean(dim=0).pow(2).sum()
+
+
+def moa_cv_loss(gates: Tensor) -> Tensor:
+    """MoA's ``cvloss``: CV² of the L1-normalised per-expert sum of the kept gates.
+
+    Unlike :func:`moezoo.routers.losses.cv_squared` (population variance, V-MoE) this is the
+    reference's convention: torch's **unbiased** variance and ``mean² + 1e-10`` in the denominator;
+    0 for a single expert.
+
+    Args:
+        gates: (tokens, experts) combine weights, zero where an expert is not selected.
+
+    Returns:
+        0-dim loss.
+    """
+    if gates.dim() != 2:
+        raise ValueError(f"gates must have shape (tokens, experts), got shape {tuple(gates.shape)}")
+    if gates.shape[1] == 1:
+        return gates.new_zeros(())
+    share = F.normalize(gates.float().sum(0), p=1, dim=0)
+    return share.var() / (share.mean() ** 2 + 1e-10)
+
+
+def marginal_entropy_loss(logits: Tensor) -> Tensor:
+    """σ-MoE's entropy regulariser: ``-H(mean over tokens of softmax(logits))``.
+
+    Computed in log space as the reference (log-softmax, then log-mean-exp over the tokens). It uses
+    the **softmax** of the raw selection logits even where routing uses sigmoid scores. Minimising
+    it spreads the batch's selections over all experts.
+
+    Args:
+        logits: (..., tokens, experts) raw selection logits; one marginal per leading index.
+
+    Returns:
+        0-dim: the mean over leading indices of the negative marginal entropy (nats).
+    """
+    if logits.dim() < 2:
+        raise ValueError(f"logits must have shape (..., tokens, experts), got shape {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    log_marginal = torch.logsumexp(log_p, dim=-2) - math.log(log_p.shape[-2])
+    entropy = -(log_marginal.exp() * log_marginal).sum(-1)
+    return -entropy.mean()

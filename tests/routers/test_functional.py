@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from moezoo.routers import functional as RF
-from tests.conftest import cases
 
 
 def dense(token, expert, weight, shape):
@@ -146,16 +144,28 @@ def test_sinkhorn_marginals_converge():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_balanced_assignment_is_balanced_and_optimal(seed):
+    """Against exhaustive search over every assignment that respects the capacity."""
     g = torch.Generator().manual_seed(seed)
-    tokens, experts = int(torch.randint(2, 24, (1,), generator=g)), int(torch.randint(1, 6, (1,), generator=g))
-    scores = torch.randn(tokens, experts, generator=g)
-    assignment = RF.balanced_assignment(scores, eps=1e-9)
+    tokens, experts = int(torch.randint(1, 8, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+    scores = torch.randn(tokens, experts, generator=g, dtype=torch.float64)
+    assignment = RF.balanced_assignment(scores)
     capacity = math.ceil(tokens / experts)
     assert (torch.bincount(assignment, minlength=experts) <= capacity).all()
-    ours = scores.double()[torch.arange(tokens), assignment].sum().item()
-    slots = np.repeat(scores.double().numpy(), capacity, axis=1)
-    rows, cols = linear_sum_assignment(slots, maximize=True)
-    assert ours == pytest.approx(slots[rows, cols].sum(), abs=1e-6)
+    best = max(
+        sum(scores[t, e].item() for t, e in enumerate(choice))
+        for choice in itertools.product(range(experts), repeat=tokens)
+        if max(choice.count(e) for e in range(experts)) <= capacity
+    )
+    assert scores[torch.arange(tokens), assignment].sum().item() == pytest.approx(best, abs=1e-9)
+
+
+def test_balanced_assignment_respects_an_explicit_capacity_and_rejects_nan():
+    scores = torch.tensor([[5.0, 0.0], [4.0, 0.0], [3.0, 0.0]])
+    assert RF.balanced_assignment(scores, capacity=2).tolist() == [0, 0, 1]
+    with pytest.raises(ValueError, match="cannot hold"):
+        RF.balanced_assignment(scores, capacity=1)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        RF.balanced_assignment(torch.tensor([[float("nan"), 0.0]]))
 
 
 # -- Soft MoE ---------------------------------------------------------------------------------

@@ -89,3 +89,21 @@ def test_losses_reject_bad_shapes():
         L.load_loss(torch.rand(4, 3), torch.rand(4, 3), 0.1, 4)
     with pytest.raises(ValueError, match="expert_index"):
         L.load_balancing_loss(torch.rand(4, 3), torch.zeros(5, dtype=torch.long))
+
+
+def test_local_entropy_direct_formula():
+    probs = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]])
+    expected = (math.log(2) + 0.0 + (2 * 0.25 * math.log(4) + 0.5 * math.log(2))) / 3
+    assert L.local_entropy_loss(probs).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_global_entropy_direct_formula_and_threshold():
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    # mean distribution (0.5, 0.5, 0, 0): entropy log 2
+    assert L.global_entropy_loss(probs).item() == pytest.approx(-math.log(2), rel=1e-6)
+    assert L.global_entropy_loss(probs, threshold=math.log(4)).item() == pytest.approx(math.log(2), rel=1e-6)
+    assert L.global_entropy_loss(probs, threshold=math.log(2) - 0.1).item() == 0.0
+    # confident tokens spread evenly: local entropy 0, global entropy maximal
+    spread = torch.eye(4)
+    assert L.local_entropy_loss(spread).item() == pytest.approx(0.0, abs=1e-6)
+    assert L.global_entropy_loss(spread).item() == pytest.approx(-math.log(4), rel=1e-6)

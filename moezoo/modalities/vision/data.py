@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from moezoo.resume import ResumableDataLoader
+
 __all__ = ["ImageDataModule", "load_digits_splits"]
 
 _BUILTIN = ("digits",)
@@ -169,15 +171,12 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
         collate = self._shift if (train and self.augment and self.dataset == "digits") else None
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        if train:
+            return ResumableDataLoader(self.splits[split], batch_size=self.batch_size, seed=self.seed,
+                                       num_workers=self.num_workers, collate_fn=collate,
+                                       persistent_workers=self.num_workers > 0)
+        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

@@ -1,0 +1,151 @@
+"""Mixture of Attention Heads (Zhang, Shen et al., EMNLP 2022, arXiv 2210.05144).
+
+Reference: yikangshen/MoA ``moa_layer/moa_attention.py`` and ``moa_layer/parallel_linear/moe.py``
+(``MoE.map`` / ``MoE.reduce``); re-implemented for causal LMs in RobertCsordas/moe_attention
+``layers/transformer/moa.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moezoo.kernels import expert_linear
+from moezoo.layers.attention import RotaryEmbedding, attention_mask
+from moezoo.layers.routed import RoutedLayer
+from moezoo.routers.moa import MOA_LOSS_WEIGHTS, MoARouter
+from moezoo.routers.routing import Routing
+
+__all__ = ["MixtureOfAttentionHeads"]
+
+
+class MixtureOfAttentionHeads(RoutedLayer):
+    """MoA: ``forward(x: (B, T, dim), memory=None) -> (B, T, dim)``.
+
+    E attention experts, each with its own query projection ``W_q^i`` (dim -> d) and output
+    projection ``W_o^i`` (d -> dim); one key and one value projection (dim -> d) shared by all.
+    For each query token t the router (:class:`~moezoo.routers.moa.MoARouter`) picks k experts::
+
+        p_t    = softmax(x_t W_g)                       (zero-initialised W_g)
+        a_ti   = softmax((x_t W_q^i) K^T / sqrt(d)) V   for i in topk(p_t)
+        y_t    = sum_{i in topk(p_t)} p_t[i] * a_ti W_o^i     (not renormalised)
+
+    so k attention maps are computed per token, each with its own expert query. Auxiliary losses
+    (recorded unweighted, default coefficients the reference's: ``load_balancing`` 0.01 (its
+    "switchloss"), ``z_loss`` 0.001, ``cv`` 0). The reference adds their sum to the
+    *token-summed* cross-entropy (fairseq divides both by the token count afterwards); with a
+    token-mean objective, as :class:`~moezoo.task.MoETask`, multiply the coefficients by the
+    tokens per batch to reproduce that scale exactly.
+
+    Initialisation as the reference: expert matrices uniform ``±sqrt(3) * sqrt(2 / (fan_in +
+    fan_out))``, K and V Xavier-uniform with gain ``1/sqrt(2)`` (gain 1 when ``kdim != dim``), no
+    biases. The reference uses no rotary embedding (fairseq adds sinusoidal positions to the
+    input); ``rotate_fraction > 0`` adds RoPE to the queries and keys for decoder-only LMs.
+
+    Args:
+        dim: model width (query side).
+        num_experts: E.
+        k: experts (heads) per token.
+        head_dim: d (reference default 256; paper base 128).
+        kdim: width of ``memory`` (cross-attention; default dim).
+        dropout: attention-probability dropout.
+        noisy_gating: the reference's ``--gating noisy``.
+        rotate_fraction, rope_base: optional RoPE (see :class:`~moezoo.layers.attention.RotaryEmbedding`).
+        aux_loss_weights: coefficient per loss name (default :data:`~moezoo.routers.moa.MOA_LOSS_WEIGHTS`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int = 8,
+        k: int = 2,
+        head_dim: int = 64,
+        *,
+        kdim: int | None = None,
+        dropout: float = 0.0,
+        noisy_gating: bool = False,
+        rotate_fraction: float = 0.0,
+        rope_base: float = 10000.0,
+        aux_loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(MOA_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights)
+        for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MixtureOfAttentionHeads: {name} must be an int >= 1, got {value!r}")
+        if k > num_experts:
+            raise ValueError(f"MixtureOfAttentionHeads: k must be <= num_experts={num_experts}, got k={k}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"MixtureOfAttentionHeads: dropout must be in [0, 1), got {dropout}")
+        self.dim, self.num_experts, self.k, self.head_dim = dim, num_experts, k, head_dim
+        self.kdim = kdim or dim
+        self.dropout = dropout
+        self.router = MoARouter(dim, num_experts, k, noisy=noisy_gating)
+        self.w_q = nn.Parameter(torch.empty(num_experts, dim, head_dim))
+        self.w_o = nn.Parameter(torch.empty(num_experts, head_dim, dim))
+        self.k_proj = nn.Linear(self.kdim, head_dim, bias=False)
+        self.v_proj = nn.Linear(self.kdim, head_dim, bias=False)
+        self.rope = RotaryEmbedding(head_dim, rotate_fraction, rope_base)
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, head_dim={self.head_dim}"
+
+    def expert_parameters(self) -> list[tuple[nn.Parameter, float]]:
+        """The query and output projections are the experts: k of E active per token."""
+        return [(self.w_q, self.k / self.num_experts), (self.w_o, self.k / self.num_experts)]
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for w in (self.w_q, self.w_o):
+            bound = math.sqrt(3.0) * math.sqrt(2.0 / (w.shape[1] + w.shape[2]))
+            w.uniform_(-bound, bound)
+        gain = 1.0 / math.sqrt(2.0) if self.kdim == self.dim else 1.0
+        nn.init.xavier_uniform_(self.k_proj.weight, gain=gain)
+        nn.init.xavier_uniform_(self.v_proj.weight, gain=gain)
+        nn.init.zeros_(self.router.gate.weight)
+
+    @property
+    def attention_matrices(self) -> int:
+        """Attention maps computed per sequence: one per selected head (k)."""
+        return self.k
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal: bool = False,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, dim) queries; memory: (B, S, kdim) keys/values (default x, self-attention).
+
+        Args:
+            causal: query i attends to key positions <= S - T + i.
+            key_padding_mask: (B, S) bool, True at padded keys.
+        """
+        src = x if memory is None else memory
+        if x.dim() != 3 or x.shape[-1] != self.dim or src.dim() != 3 or src.shape[-1] != self.kdim \
+                or src.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"MixtureOfAttentionHeads: x must be (B, T, dim={self.dim}) and memory (B, S, kdim={self.kdim}), "
+                f"got {tuple(x.shape)} and {tuple(src.shape)}"
+            )
+        (batch, queries, _), keys = x.shape, src.shape[1]
+        k, d = self.k, self.head_dim
+        tokens = batch * queries
+        routing = self.router(x.reshape(tokens, self.dim))
+        # MoARouter keeps every choice, choice-major: assignment a is choice a // tokens of its token.
+        slot_row = routing.token * k + torch.arange(routing.num_assignments, device=x.device) // tokens
+        ones = torch.ones_like(routing.weight)
+        q_routing = Routing(slot_row, routing.expert, ones, tokens * k, self.num_experts)
+        q = expert_linear(x.reshape(tokens, self.dim).repeat_interleave(k, dim=0), q_routing, self.w_q)
+        q = q.view(batch, queries, k, d).transpose(1, 2)  # (B, k, T, d): slot j of every token
+        key = self.k_proj(src).unsqueeze(1).expand(batch, k, keys, d)
+        value = self.v_proj(src).unsqueeze(1).expand(batch, k, keys, d)
+        q, key = self.rope(q, key)
+        mask = attention_mask(batch, queries, keys, causal, key_padding_mask, x.device)
+        res = F.scaled_dot_product_attention(q, key, value, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        rows = res.transpose(1, 2).reshape(tokens * k, d)
+        o_routing = Routing(slot_row, routing.expert, routing.weight, tokens * k, self.num_experts)
+        out = expert_linear(rows, o_routing, self.w_o).view(tokens, k, self.dim).sum(1)
+        self.record(routing.losses, routing.stats)
+        return out.view(batch, queries, self.dim)

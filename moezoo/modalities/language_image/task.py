@@ -1,0 +1,67 @@
+"""``ContrastiveImageText``: the contrastive loss plus routing losses; zero-shot and retrieval metrics."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from moezoo.modalities.language_image.evaluate import retrieval_recall, zero_shot_accuracy
+from moezoo.modalities.language_image.model import contrastive_loss
+from moezoo.task import MoETask
+
+__all__ = ["ContrastiveImageText"]
+
+
+class ContrastiveImageText(MoETask):
+    """Contrastive image-text training (CLIP's symmetric loss with the model's learned temperature).
+
+    Validation and test log zero-shot classification accuracy (class prompts from the data module)
+    and image-to-text / text-to-image recall@1 and @5 over the whole split.
+
+    Args:
+        model: e.g. :class:`~moezoo.modalities.language_image.LIMoE` (``forward(images, text, mask)``
+            returning two normalised embeddings and the logit scale; ``encode`` for prompts).
+        **kwargs: optimiser and logging settings of :class:`~moezoo.task.MoETask`.
+    """
+
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        images, ids, mask, _ = batch
+        self._batch_size = images.shape[0]
+        image, text, scale = self.model(images, ids, mask)
+        loss = contrastive_loss(image, text, scale)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        self.log("train/logit_scale", scale.detach(), batch_size=images.shape[0])
+        return self.add_aux_loss(loss, "train")
+
+    def _eval_step(self, batch) -> None:
+        images, ids, mask, labels = batch
+        image, text, _ = self.model(images, ids, mask)
+        self._outputs.append((image, text, labels))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        if not self._outputs:
+            return
+        image, text, labels = (torch.cat(t) for t in zip(*self._outputs))
+        self._outputs.clear()
+        metrics = retrieval_recall(image, text)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "tokenize") and (labels >= 0).all():
+            metrics["zero_shot_accuracy"] = zero_shot_accuracy(self.model, datamodule, image, labels)
+        for key, value in metrics.items():
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("zero_shot_accuracy", "i2t_recall@1"), sync_dist=True)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")

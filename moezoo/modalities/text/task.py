@@ -1,0 +1,91 @@
+"""``LanguageModeling``: next-token cross-entropy plus the weighted routing losses; perplexity, bits per byte."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+
+from moezoo.task import MoETask
+
+__all__ = ["LanguageModeling", "lm_loss"]
+
+
+def lm_loss(model: nn.Module, batch: Tensor) -> tuple[Tensor, int]:
+    """Mean next-token cross-entropy (nats) of ``model`` on windows ``batch`` (B, T+1) and the
+    number of predicted tokens (B * T)."""
+    if batch.dim() != 2 or batch.shape[1] < 2:
+        raise ValueError(f"batch must have shape (batch, context + 1), got shape {tuple(batch.shape)}")
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)), targets.numel()
+
+
+class LanguageModeling(MoETask):
+    """Causal language modelling with any model mapping (B, T) ids to (B, T, vocab) logits.
+
+    Logs ``{stage}/loss`` (token-mean cross-entropy in nats), and per validation/test epoch
+    ``{stage}/ppl`` (exp of the token-mean loss over the whole split) and ``{stage}/bpb`` (bits per
+    UTF-8 byte: loss / ln 2 / bytes-per-token, where bytes-per-token is ``bytes_per_token`` or, by
+    default, the data module's measured ratio of the split (1 for the byte tokenizer)).
+
+    Args:
+        model: e.g. :class:`~moezoo.modalities.text.TransformerLM`.
+        bytes_per_token: fixed UTF-8 bytes per token for bits per byte (None: ask the data module).
+        **kwargs: optimiser and logging settings of :class:`~moezoo.task.MoETask`.
+    """
+
+    def __init__(self, model: nn.Module, bytes_per_token: float | None = None, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        if bytes_per_token is not None and bytes_per_token <= 0:
+            raise ValueError(f"bytes_per_token must be > 0, got {bytes_per_token}")
+        self.bytes_per_token = bytes_per_token
+        self.nll = nn.ModuleDict({s: MeanMetric() for s in ("val_", "test_")})
+
+    def _step(self, batch: Tensor, stage: str) -> Tensor:
+        loss, tokens = lm_loss(self.model, batch)
+        self._batch_size = tokens
+        self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 batch_size=tokens)
+        if stage != "train":
+            self.nll[stage + "_"].update(loss.detach(), weight=tokens)
+        return loss
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        return self.add_aux_loss(self._step(batch, "train"), "train")
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: Tensor, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _epoch_end(self, stage: str) -> None:
+        metric = self.nll[stage + "_"]
+        if metric.update_count == 0:
+            return
+        nll = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/ppl", torch.exp(nll), prog_bar=stage == "val")
+        self.log(f"{stage}/bpb", nll / math.log(2.0) / self._bytes_per_token(stage))
+
+    def _bytes_per_token(self, stage: str) -> float:
+        if self.bytes_per_token is not None:
+            return self.bytes_per_token
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "bytes_per_token"):
+            return datamodule.bytes_per_token(stage)
+        return 1.0
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """Next-token log-probabilities of the window's first ``context`` tokens."""
+        return torch.log_softmax(self.model(batch[:, :-1]).float(), dim=-1)

@@ -1,0 +1,95 @@
+"""σ-MoE's expert selection (Csordás, Irie, Schmidhuber 2023, arXiv 2310.10837) and its entropy regulariser.
+
+Reference: RobertCsordas/moe (and the copy in RobertCsordas/moe_attention) ``layers/moe_layer.py``
+with ``selection_mode="sigmoid"``, ``reg_type="entropy"``, ``perplexity_reg_mode="global"``,
+``norm_expert_sel_init=True``.
+"""
+
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+
+from moezoo.routers import functional as RF
+from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.routers.losses import marginal_entropy_loss
+from moezoo.routers.routing import Routing
+
+__all__ = ["SigmaMoERouter", "renorm_keep_std_"]
+
+
+@torch.no_grad()
+def renorm_keep_std_(weight: Tensor, dim: int = 1) -> Tensor:
+    """The reference's ``renorm_keep_std``: rescale the slices along ``dim`` to equal L2 norm,
+    keeping the tensor's overall standard deviation. In place; returns ``weight``."""
+    std = weight.std()
+    weight.div_(weight.norm(dim=dim, keepdim=True))
+    weight.mul_(std / weight.std())
+    return weight
+
+
+class SigmaMoERouter(Router):
+    """Non-competitive σ-MoE selection: each token takes the k experts with the highest
+    ``sigmoid(x W_s^T)`` and uses those scores as weights, **not renormalised**.
+
+    Expert dropout, as the reference defines it: in training, each (token, expert) score is set to 0
+    with probability ``expert_dropout`` *before* the top-k; the weights are taken from the dropped
+    scores, so a dropped expert that still ends up among the top k (when fewer than k survive)
+    contributes with weight 0.
+
+    Initialisation (``norm_expert_sel_init``): ``W_s ~ N(0, 1/dim)``, then its rows rescaled to
+    equal norm keeping the overall std.
+
+    Losses (unweighted): ``entropy_reg`` = :func:`marginal_entropy_loss` of the selection logits of
+    this forward (the paper's γ: 1e-3 for WikiText-103, 1e-4 in the SwitchAll configs).
+
+    Args:
+        dim: input feature size.
+        num_experts: E.
+        k: experts per token (the reference's ``pkm.n_heads``).
+        expert_dropout: probability of dropping a (token, expert) score in training (paper: 0 small,
+            0.1 big).
+    """
+
+    def __init__(self, dim: int, num_experts: int, k: int = 4, *, expert_dropout: float = 0.0,
+                 check_finite: bool = True) -> None:
+        super().__init__(dim, num_experts, check_finite=check_finite)
+        self.k = _require_int("k", k)
+        if self.k > num_experts:
+            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        self.expert_dropout = _require_float("expert_dropout", expert_dropout)
+        if self.expert_dropout >= 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
+        self.reset_parameters()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, expert_dropout={self.expert_dropout}"
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.gate.weight.normal_(0.0, self.dim ** -0.5)
+        renorm_keep_std_(self.gate.weight, dim=1)
+
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+        """Route x: (tokens, dim); assignments choice-major, ``tokens * k`` of them."""
+        self.check_input(x)
+        logits = self.compute_logits(x)
+        num_tokens, num_experts = logits.shape
+        scores = torch.sigmoid(logits)
+        if self.training and self.expert_dropout > 0:
+            scores = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, 0.0)
+        index = RF.top_k(scores.detach(), self.k)[1]
+        token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(index)
+        token, expert = token.t().reshape(-1), index.t().reshape(-1)
+        return finish_routing(
+            token,
+            expert,
+            scores[token, expert],
+            num_tokens=num_tokens,
+            num_experts=num_experts,
+            requested=num_tokens * self.k,
+            logits=logits,
+            probs=torch.softmax(logits, dim=-1),
+            losses={"entropy_reg": marginal_entropy_loss(logits)},
+        )
