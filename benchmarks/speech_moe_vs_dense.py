@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from moezoo.layers import parameter_counts
 from moezoo.zoo.cards import REPO_ROOT, results_path, write_card
 from moezoo.zoo.registry import get_entry
 
@@ -26,11 +27,13 @@ def main() -> None:
         if not path.is_file():
             continue  # not released
         record = json.loads(path.read_text())
+        entry = get_entry(name)
+        counts = parameter_counts(entry.builder(**entry.default_args))
         rows.append({
             "entry": name,
-            "config": get_entry(name).card["config"],
-            "parameters": record["parameters"]["total"],
-            "active parameters": record["parameters"]["active"],
+            "config": entry.card["config"],
+            "parameters": counts["total"],
+            "active parameters": counts["active"],
             "test CER": record["metrics"]["cer"],
         })
     if len(rows) < 2:

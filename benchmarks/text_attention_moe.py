@@ -20,29 +20,13 @@ from pathlib import Path
 import torch
 
 import moezoo
-from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.routed import parameter_counts
-from moezoo.layers.switchhead import SwitchHeadAttention
 from moezoo.modalities.text.evaluate import evaluate_pydoc, forward_macs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = ("lm_dense_pydoc", "lm_dense_h2_pydoc", "lm_moa_pydoc", "lm_switchhead_pydoc", "lm_sigma_moe_pydoc")
 COLUMNS = ["entry", "attention", "mlp", "parameters", "active_parameters", "val_perplexity", "val_bits_per_byte",
            "macs_per_token", "attention_maps_per_sequence", "attention_maps_per_layer"]
-
-
-def active_parameters(model: torch.nn.Module) -> int:
-    """Parameters used per token: :func:`parameter_counts`' active count (MoE MLP experts at k/E) with the
-    attention experts also counted at k/E (MoA's query/output experts, SwitchHead's value/output experts)."""
-    active = parameter_counts(model)["active"]
-    for module in model.modules():
-        if isinstance(module, MixtureOfAttentionHeads):
-            experts = module.w_q.numel() + module.w_o.numel()
-            active -= round(experts * (1 - module.k / module.num_experts))
-        elif isinstance(module, SwitchHeadAttention):
-            experts = module.v.numel() + module.o.numel()
-            active -= round(experts * (1 - module.k / module.num_experts))
-    return active
 
 
 def measure(name: str) -> dict:
@@ -56,7 +40,7 @@ def measure(name: str) -> dict:
         "attention": model.attention_kind,
         "mlp": model.mlp_kind,
         "parameters": parameter_counts(model)["total"],
-        "active_parameters": active_parameters(model),
+        "active_parameters": parameter_counts(model)["active"],
         "val_perplexity": metrics["perplexity"],
         "val_bits_per_byte": metrics["bits_per_byte"],
         "macs_per_token": round(macs / length),

@@ -31,6 +31,7 @@ class RoutingRecorder:
         self.layers = [(n, layer) for n, layer in routed_layers(model) if hasattr(layer, "router")]
         self.top = top
         self.counts: dict[str, Tensor] = {}
+        self.modality_counts: dict[str, dict[str, Tensor]] = {}
         self.scalars: dict[str, dict[str, list[float]]] = {}
         self.best: dict[str, list[list[tuple[float, int, int]]]] = {}
         self.batch = 0
@@ -55,6 +56,11 @@ class RoutingRecorder:
         for name, layer in self.layers:
             for key, value in layer_statistics(layer.last_stats, layer.last_losses).items():
                 self.scalars.setdefault(name, {}).setdefault(key, []).append(value)
+            for key, counts in layer.last_stats.items():
+                if key.endswith("/tokens_per_expert"):  # multimodal layers: per-modality loads
+                    per = self.modality_counts.setdefault(name, {})
+                    modality = key.split("/")[0]
+                    per[modality] = per.get(modality, torch.zeros_like(counts)) + counts.cpu()
         self.batch += 1
 
     def close(self) -> None:
@@ -73,6 +79,10 @@ class RoutingRecorder:
                 "share_per_expert": share.tolist(),
                 **{k: sum(v) / len(v) for k, v in self.scalars.get(name, {}).items()},
             }
+            if name in self.modality_counts:
+                out[name]["modality_share_per_expert"] = {
+                    m: (c / c.sum().clamp_min(1e-12)).tolist() for m, c in self.modality_counts[name].items()
+                }
         return out
 
 
@@ -102,6 +112,32 @@ def _drops_figure(summary: dict):
     return fig
 
 
+def _modality_figure(summary: dict):
+    """Per multimodal layer: each modality's share of its tokens per expert, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [n for n, s in summary.items() if "modality_share_per_expert" in s]
+    if not layers:
+        return None
+    fig, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 2.8), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], layers):
+        shares = summary[name]["modality_share_per_expert"]
+        width = 0.8 / len(shares)
+        for i, (modality, values) in enumerate(sorted(shares.items())):
+            ax.bar([e + (i - (len(shares) - 1) / 2) * width for e in range(len(values))], values, width=width,
+                   label=modality)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("expert", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("share of the modality's tokens", fontsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
 def _top_patches_figure(name: str, best, images: list[Tensor], tokens_per_image: int, prefix: int, patch: int):
     """Per expert, the images whose patch it weighted highest, with that patch outlined."""
     import matplotlib
@@ -121,6 +157,8 @@ def _top_patches_figure(name: str, best, images: list[Tensor], tokens_per_image:
             if j >= len(best[e]):
                 continue
             weight, batch, token = best[e][j]
+            if token // tokens_per_image >= images[batch].shape[0]:
+                continue  # a token of another modality (multimodal layers route image tokens first)
             image = images[batch][token // tokens_per_image]
             pixels = image.float()
             pixels = (pixels - pixels.min()) / (pixels.max() - pixels.min()).clamp_min(1e-6)
@@ -140,9 +178,14 @@ def _top_patches_figure(name: str, best, images: list[Tensor], tokens_per_image:
 
 @torch.no_grad()
 def routing_report(model: nn.Module, batches, out_dir: str | Path, *, title: str = "routing report",
-                   max_batches: int | None = None) -> dict:
-    """Route ``batches`` ((inputs, ...) tuples) through ``model`` and write ``report.html``,
-    ``report.json`` and PNGs to ``out_dir``. Returns the JSON record."""
+                   max_batches: int | None = None, run_batch=None) -> dict:
+    """Route ``batches`` through ``model`` and write ``report.html``, ``report.json`` and PNGs to
+    ``out_dir``. Returns the JSON record.
+
+    Args:
+        run_batch: ``(batch, index) -> anything`` that runs the model on one batch (a task's
+            ``predict_step``); default ``model(batch[0])``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -152,11 +195,14 @@ def routing_report(model: nn.Module, batches, out_dir: str | Path, *, title: str
         for i, batch in enumerate(batches):
             if max_batches is not None and i >= max_batches:
                 break
-            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-            model(inputs)
+            first = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if run_batch is None:
+                model(first)
+            else:
+                run_batch(batch, i)
             recorder.after_layers()
-            if isinstance(inputs, Tensor) and inputs.dim() == 4:
-                kept_inputs.append(inputs.cpu())
+            if isinstance(first, Tensor) and first.dim() == 4:
+                kept_inputs.append(first.cpu())
     finally:
         recorder.close()
     summary = recorder.summary()
@@ -169,6 +215,9 @@ def routing_report(model: nn.Module, batches, out_dir: str | Path, *, title: str
     if len({s.numel() for s in shares}) == 1:
         pictures["load_heatmap.png"] = _png(load_heatmap(torch.stack(shares), names, "share of tokens per expert"))
     pictures["dropped_fraction.png"] = _png(_drops_figure(summary))
+    modality_figure = _modality_figure(summary)
+    if modality_figure is not None:
+        pictures["modality_share_per_expert.png"] = _png(modality_figure)
     patch_embed = getattr(model, "patch_embed", None)
     if kept_inputs and patch_embed is not None:
         tokens_per_image = patch_embed.num_patches + getattr(model, "num_prefix_tokens", 0)
@@ -219,12 +268,14 @@ def main(argv: Sequence[str]) -> int:
     from moezoo.zoo.checkpoint import load_checkpoint
 
     cli = MoezooCLI(args=["--config", args.config, "--trainer.logger", "false"], run=False)
-    model = getattr(cli.model, "model", cli.model)
+    task = cli.model
+    model = getattr(task, "model", task)
     if args.ckpt:
         load_checkpoint(model, args.ckpt)
     cli.datamodule.setup("fit" if args.split != "test" else "test")
-    loader = getattr(cli.datamodule, f"{args.split}_dataloader" if args.split != "train" else "train_dataloader")()
+    loader = getattr(cli.datamodule, f"{args.split}_dataloader")()
+    task.eval()
     record = routing_report(model, loader, args.out, title=f"routing report: {args.config} ({args.split})",
-                            max_batches=args.max_batches)
+                            max_batches=args.max_batches, run_batch=task.predict_step)
     print(f"wrote {Path(args.out) / 'report.html'} ({record['batches']} batches, {len(record['layers'])} layers)")
     return 0

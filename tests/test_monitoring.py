@@ -109,3 +109,15 @@ def test_active_parameters_count_k_of_e_experts():
     counts = parameter_counts(moe)
     expert_params = sum(p.numel() for p in moe.experts.parameters())
     assert counts["total"] - counts["active"] == expert_params * 3 // 4
+
+
+def test_routing_report_shows_per_modality_shares_for_limoe(tmp_path):
+    out = tmp_path / "limoe_report"
+    assert main(["routing-report", "--config", str(ROOT / "configs/language_image/limoe_ti_glyphs.yaml"),
+                 "--split", "val", "--out", str(out), "--max-batches", "1"]) == 0
+    _png_is_a_picture(out / "modality_share_per_expert.png")
+    import json
+
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    shares = layers["blocks.1.mlp"]["modality_share_per_expert"]
+    assert set(shares) == {"image", "text"} and abs(sum(shares["text"]) - 1.0) < 1e-5

@@ -13,7 +13,6 @@ from moezoo.layers.moe import RouterFactory
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers import losses as L
 from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
-from moezoo.routers.routing import Routing
 
 __all__ = ["MultimodalMoE"]
 
@@ -21,18 +20,18 @@ __all__ = ["MultimodalMoE"]
 class MultimodalMoE(RoutedLayer):
     """``forward({"image": (n_i, dim), "text": (n_t, dim)}) -> same keys, same shapes``.
 
-    Every modality's tokens are routed by the same router, but separately: the router's capacity
-    (and, with BPR, its priority order) applies per modality, as LIMoE does, so the many image tokens
-    cannot crowd the few text tokens out of the expert buffers. All tokens then go through the same
-    experts in one expert computation.
-
-    Losses, per modality m: the router's own (``m/importance``, ``m/load`` for V-MoE's router) and
-    LIMoE's ``m/local_entropy`` and ``m/global_entropy`` (thresholded when ``entropy_thresholds[m]``
-    is set). Stats: the router's, plus ``m/tokens_per_expert`` for the specialisation analysis.
+    As LIMoE: the tokens of all modalities form one routing group for one router and one set of
+    experts, but the expert buffers are split per modality (each modality gets its own capacity and,
+    with BPR, its own priority order), so the many image tokens cannot crowd the few text tokens out.
+    V-MoE's auxiliary losses are computed over the whole group, which a modality can satisfy while
+    the other collapses; LIMoE's entropy losses are computed per modality m:
+    ``m/local_entropy`` and ``m/global_entropy`` (thresholded when ``entropy_thresholds[m]`` is set).
+    Stats: the router's, plus ``m/tokens_per_expert`` for the specialisation analysis.
 
     Args:
         dim, hidden, num_experts: expert sizes.
-        router: module or factory ``(dim, num_experts) -> router``; default V-MoE's BPR router, k=1.
+        router: a :class:`~moezoo.routers.BatchPrioritizedRouter` (or a factory for one), whose
+            ``capacity_groups`` splits the buffers; default V-MoE's, k=1.
         entropy_thresholds: tau per modality for the global entropy loss (nats); absent = plain loss.
         activation, dropout, backend: the experts (see :class:`Experts`).
         aux_loss_weights: coefficient per loss name, e.g. ``{"text/global_entropy": 0.01}``.
@@ -56,6 +55,8 @@ class MultimodalMoE(RoutedLayer):
             router = BatchPrioritizedRouter(dim, num_experts, k=1)
         elif not isinstance(router, nn.Module):
             router = router(dim, num_experts)
+        if not isinstance(router, BatchPrioritizedRouter):
+            raise ValueError(f"MultimodalMoE needs a BatchPrioritizedRouter (per-modality capacity), got {type(router).__name__}")
         self.router = router
         self.experts = Experts(num_experts, dim, hidden, activation, dropout=dropout, backend=backend)
         self.num_experts = num_experts
@@ -65,34 +66,23 @@ class MultimodalMoE(RoutedLayer):
         """inputs: modality -> (tokens_m, dim); empty modalities are skipped."""
         names = [m for m, x in inputs.items() if x is not None and x.shape[0] > 0]
         if not names:
-            return {m: x for m, x in inputs.items()}
-        losses: dict[str, Tensor] = {}
-        stats: dict[str, Tensor] = {}
-        tokens, experts, weights, rows = [], [], [], []
-        offset = 0
-        for m in names:
-            x = inputs[m]
-            routing = self.router(x)
-            for key, value in routing.losses.items():
-                losses[f"{m}/{key}"] = value
-            if routing.logits is not None:
-                probs = torch.softmax(routing.logits, dim=-1)
-                losses[f"{m}/local_entropy"] = L.local_entropy_loss(probs)
-                losses[f"{m}/global_entropy"] = L.global_entropy_loss(probs, self.entropy_thresholds.get(m))
-            stats[f"{m}/tokens_per_expert"] = routing.stats["tokens_per_expert"]
-            stats[f"{m}/dropped_fraction"] = routing.stats["dropped_fraction"]
-            tokens.append(routing.token + offset)
-            experts.append(routing.expert)
-            weights.append(routing.weight)
-            rows.append(x)
-            offset += x.shape[0]
-        merged = Routing(torch.cat(tokens), torch.cat(experts), torch.cat(weights), offset, self.num_experts)
-        out = self.experts(torch.cat(rows), merged)
-        stats["tokens_per_expert"] = merged.tokens_per_expert().float()
-        requested = sum(inputs[m].shape[0] for m in names) * getattr(self.router, "k", 1)
-        stats["dropped_fraction"] = torch.tensor(1.0 - merged.num_assignments / max(requested, 1))
+            return dict(inputs)
+        sizes = [inputs[m].shape[0] for m in names]
+        tokens = torch.cat([inputs[m] for m in names])
+        routing = self.router(tokens, capacity_groups=sizes)
+        losses = dict(routing.losses)
+        stats = dict(routing.stats)
+        probs = torch.softmax(routing.logits, dim=-1)
+        modality = torch.repeat_interleave(torch.arange(len(names), device=tokens.device),
+                                           torch.tensor(sizes, device=tokens.device))
+        for i, (m, p) in enumerate(zip(names, probs.split(sizes))):
+            losses[f"{m}/local_entropy"] = L.local_entropy_loss(p)
+            losses[f"{m}/global_entropy"] = L.global_entropy_loss(p, self.entropy_thresholds.get(m))
+            mine = modality[routing.token] == i
+            stats[f"{m}/tokens_per_expert"] = torch.bincount(routing.expert[mine], minlength=self.num_experts).float()
+        out = self.experts(tokens, routing)
         self.record(losses, stats)
         results = dict(inputs)
-        for m, piece in zip(names, out.split([inputs[m].shape[0] for m in names])):
+        for m, piece in zip(names, out.split(sizes)):
             results[m] = piece
         return results

@@ -108,8 +108,14 @@ class BatchPrioritizedRouter(Router):
             priority = RF.top_k(probs, self.k)[0].sum(dim=1)
         return RF.top_k_assign(probs, self.k, capacity, priority, group_size=group_size)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim); tokens are grouped consecutively."""
+    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None,
+                capacity_groups: list[int] | None = None) -> Routing:
+        """Route x: (tokens, dim); tokens are grouped consecutively.
+
+        ``capacity_groups`` (sizes of consecutive token blocks, summing to the tokens) splits only the
+        expert buffers: each block gets its own capacity and priority order (LIMoE: per modality),
+        while the tokens form one routing group for the auxiliary losses. It replaces ``group_size``.
+        """
         self.check_input(x)
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
@@ -118,12 +124,25 @@ class BatchPrioritizedRouter(Router):
         dispatch_logits = logits + sigma * torch.randn_like(logits) if noisy else logits
         probs = torch.softmax(dispatch_logits, dim=-1)
 
-        group = min(self.group_size or num_tokens, num_tokens) or 1
-        full = (num_tokens // group) * group
-        token, expert, weight = self._assign(probs[:full], group)
-        if full < num_tokens:
-            t2, e2, w2 = self._assign(probs[full:], num_tokens - full)
-            token, expert, weight = torch.cat([token, t2 + full]), torch.cat([expert, e2]), torch.cat([weight, w2])
+        if capacity_groups is not None:
+            if sum(capacity_groups) != num_tokens or min(capacity_groups, default=0) < 1:
+                raise ValueError(
+                    f"capacity_groups must be positive sizes summing to the {num_tokens} tokens, got {capacity_groups}"
+                )
+            group = full = num_tokens  # one routing group for the losses
+            pieces, start = [], 0
+            for size in capacity_groups:
+                t, e, w = self._assign(probs[start : start + size], size)
+                pieces.append((t + start, e, w))
+                start += size
+            token, expert, weight = (torch.cat(parts) for parts in zip(*pieces))
+        else:
+            group = min(self.group_size or num_tokens, num_tokens) or 1
+            full = (num_tokens // group) * group
+            token, expert, weight = self._assign(probs[:full], group)
+            if full < num_tokens:
+                t2, e2, w2 = self._assign(probs[full:], num_tokens - full)
+                token, expert, weight = torch.cat([token, t2 + full]), torch.cat([expert, e2]), torch.cat([weight, w2])
 
         def per_group(t: Tensor) -> list[Tensor]:
             parts = [t[:full].view(-1, group, num_experts)] if full else []

@@ -41,9 +41,16 @@ def _fmt(value: Any) -> str:
 
 
 def render_card(entry: ModelEntry, results: dict[str, Any], studies: list[dict[str, Any]]) -> str:
-    """The Markdown card: YAML metadata (license, tags, datasets, model-index metrics) and body."""
+    """The Markdown card: YAML metadata (license, tags, datasets, model-index metrics) and body.
+
+    Parameter counts are computed from the entry's architecture (they are not measurements); every
+    other figure comes from the recorded results.
+    """
+    from moezoo.layers.routed import parameter_counts
+
     info = entry.card
     metrics = results["metrics"]
+    counts = parameter_counts(entry.builder(**entry.default_args))
     lines = [
         "---",
         f"license: {info.get('license', 'apache-2.0')}",
@@ -76,7 +83,7 @@ def render_card(entry: ModelEntry, results: dict[str, Any], studies: list[dict[s
         "",
         info.get("architecture", ""),
         "",
-        f"Parameters: {results['parameters']['total']:,} in total, {results['parameters']['active']:,} active "
+        f"Parameters: {counts['total']:,} in total, {counts['active']:,} active "
         "per token.",
         "",
         "## Training",

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from moezoo.layers.routed import parameter_counts
 from moezoo.zoo.cards import REPO_ROOT, results_path, write_card
 from moezoo.zoo.checkpoint import load_checkpoint, save_checkpoint, sha256_of
 from moezoo.zoo.registry import get_entry
@@ -58,7 +57,6 @@ def release(name: str, checkpoint: str | os.PathLike, *, dtype: str = "float16",
         "dataset": entry.card.get("dataset_name", "-"),
         "split": entry.card.get("split", "test"),
         "metrics": metrics,
-        "parameters": parameter_counts(shipped),
         "weights": {"file": f"moezoo/zoo/weights/{target.name}", "sha256": digest, "dtype": dtype},
         "commands": {
             "train": f"moezoo fit --config {entry.card.get('config', '<config>')}",

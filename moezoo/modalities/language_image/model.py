@@ -19,13 +19,13 @@ from moezoo.modalities.vision.model import bpr_router_factory, moe_block_indices
 
 __all__ = ["LIMOE_LOSS_WEIGHTS", "LIMoE", "SharedBlock", "contrastive_loss"]
 
-#: V-MoE's importance and load losses per modality plus LIMoE's local and global entropy losses.
-#: The paper's coefficients and thresholds were not recovered (no public code; MODELS.md §2b): these
-#: defaults are ours, chosen on the built-in task, and flagged as such in the model card.
+#: V-MoE's importance and load losses (over all tokens) plus LIMoE's local and global entropy losses
+#: per modality. The paper's coefficients and thresholds were not recovered (no public code;
+#: MODELS.md §2b): these defaults are ours and flagged as such in the model card.
 LIMOE_LOSS_WEIGHTS = {
-    f"{m}/{name}": weight
-    for m in ("image", "text")
-    for name, weight in (("importance", 0.005), ("load", 0.005), ("local_entropy", 0.01), ("global_entropy", 0.01))
+    "importance": 0.005,
+    "load": 0.005,
+    **{f"{m}/{name}": 0.01 for m in ("image", "text") for name in ("local_entropy", "global_entropy")},
 }
 
 

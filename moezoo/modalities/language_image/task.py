@@ -65,3 +65,9 @@ class ContrastiveImageText(MoETask):
 
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
+
+    def predict_step(self, batch, batch_idx: int) -> dict[str, Tensor]:
+        """Normalised image and text embeddings of a batch."""
+        images, ids, mask = batch[:3]
+        image, text, _ = self.model(images, ids, mask)
+        return {"image": image, "text": text}
