@@ -76,12 +76,10 @@ def _zoo_main(argv: Sequence[str]) -> int:
 
     if args.command == "list":
         table = Table(title="moezoo models")
-        for column in ("name", "modality", "pretrained source", "description"):
-            table.add_column(column)
+        for column in ("name", "modality", "params total / active", "experts", "weights", "key metric"):
+            table.add_column(column, overflow="fold")
         for name in list_models(args.pattern, pretrained=args.pretrained):
-            entry = get_entry(name)
-            source = entry.pretrained_cfg.source if entry.pretrained_cfg else "-"
-            table.add_row(name, entry.modality, source, entry.description)
+            table.add_row(*_zoo_row(get_entry(name)))
         console.print(table)
     elif args.command == "eval":
         from moezoo.zoo.release import evaluate_entry
@@ -121,6 +119,34 @@ def _zoo_main(argv: Sequence[str]) -> int:
         target = export_model(model, args.directory, card=path.read_text() if path.is_file() else None)
         console.print(f"exported {args.name} to {target}")
     return 0
+
+
+def _zoo_row(entry) -> tuple[str, ...]:
+    """name, modality, parameters (counted on the meta device: nothing is allocated), experts per
+    routed layer, weights source, and the card's headline metric when its results are recorded."""
+    import json
+
+    import torch
+
+    from moezoo.layers.routed import parameter_counts, routed_layers
+    from moezoo.zoo.cards import results_path
+
+    with torch.device("meta"):
+        model = entry.builder(**entry.default_args)
+    counts = parameter_counts(model)
+    experts = sorted({getattr(layer, "num_experts", 0) for _, layer in routed_layers(model)} - {0})
+    metric = "-"
+    path = results_path(entry.name)
+    if path.is_file() and entry.card.get("card_metrics"):
+        key = entry.card["card_metrics"][0]
+        metric = f"{key} {json.loads(path.read_text())['metrics'][key]:.4g}"
+
+    def human(n: int) -> str:
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+    source = entry.pretrained_cfg.source if entry.pretrained_cfg else "-"
+    return (entry.name, entry.modality, f"{human(counts['total'])} / {human(counts['active'])}",
+            ",".join(map(str, experts)) or "-", source, metric)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -87,10 +87,20 @@ class MoETask(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         data_parallel = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        # fully_shard cannot shard 0-dim parameters (LIMoE's logit scale, Soft MoE's scale): they stay
+        # replicated, and their gradients are averaged in on_before_optimizer_step.
+        self._replicated = [p for p in self.model.parameters() if p.dim() == 0]
+        ignored = set(self._replicated)
         for attribute in ("blocks", "layers"):
             for block in getattr(self.model, attribute, None) or []:
-                fully_shard(block, mesh=data_parallel)
-        fully_shard(self.model, mesh=data_parallel)
+                fully_shard(block, mesh=data_parallel, ignored_params=ignored)
+        fully_shard(self.model, mesh=data_parallel, ignored_params=ignored)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        for p in getattr(self, "_replicated", []):
+            if p.grad is not None:
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(torch.distributed.get_world_size())
 
     # -- objective -----------------------------------------------------------------------------
     def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor | None:

@@ -46,13 +46,16 @@ def test_configs_run_under_a_plain_lightning_cli(tmp_path):
     assert "max_steps=2" in result.stderr + result.stdout
 
 
-def test_zoo_list_prints_a_table(capsys):
+def test_zoo_list_prints_a_table(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "220")  # rich folds cells to the terminal width
     assert main(["zoo", "list", "vmoe*"]) == 0
     out = capsys.readouterr().out
-    assert "vmoe_ti_digits" in out and "vmoe_b16" in out and "modality" in out
+    assert "vmoe_ti_digits" in out and "vmoe_b16" in out and "modality" in out and "experts" in out
+    assert "accuracy 0.9667" in out  # the card's headline metric
 
 
 def test_console_script_is_installed():
-    result = subprocess.run(["moezoo", "zoo", "list"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(["moezoo", "zoo", "list"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "COLUMNS": "220"})
     assert result.returncode == 0, result.stderr
     assert "vmoe_s16" in result.stdout

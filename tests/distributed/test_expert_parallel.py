@@ -107,9 +107,19 @@ STRATEGIES = {
 }
 
 
+#: One tiny config per task.
+TASK_CONFIGS = [
+    "configs/vision/vmoe_ti_digits.yaml",
+    "configs/language_image/limoe_ti_glyphs.yaml",
+    "configs/text/lm_switchhead_pydoc.yaml",
+    "configs/speech/speechmoe_tiny_espeak.yaml",
+]
+
+
+@pytest.mark.parametrize("config", TASK_CONFIGS, ids=lambda c: Path(c).stem)
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_two_process_fit_under_lightning_strategies(tmp_path, strategy):
-    result = run_fit(tmp_path, "--config", str(ROOT / "configs/vision/vmoe_ti_digits.yaml"),
+def test_two_process_fit_under_lightning_strategies(tmp_path, strategy, config):
+    result = run_fit(tmp_path, "--config", str(ROOT / config), "--trainer.logger", "false",
                      *STRATEGIES[strategy], "--trainer.enable_checkpointing", "false")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "`Trainer.fit` stopped: `max_steps=3` reached" in result.stderr + result.stdout

@@ -9,13 +9,12 @@ import random
 import string
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from moezoo.resume import ResumableDataLoader
+from moezoo.data import SplitDataModule
 
 __all__ = [
     "GLYPH_FONTS",
@@ -113,7 +112,7 @@ class _Pairs(Dataset):
         return self.images[i], self.captions[i], self.labels[i]
 
 
-class ImageTextDataModule(L.LightningDataModule):
+class ImageTextDataModule(SplitDataModule):
     """Batches of (images, token ids, attention mask, labels) for contrastive training.
 
     Args:
@@ -152,6 +151,7 @@ class ImageTextDataModule(L.LightningDataModule):
             raise ValueError("dataset='pairs' needs root=<folder with train/val/test .csv or .jsonl>")
         self.dataset, self.root, self.tokenizer_path = dataset, root, tokenizer
         self.image_size, self.max_text_len, self.batch_size = image_size, max_text_len, batch_size
+        self.eval_batch_size = batch_size
         self.num_workers, self.seed, self.augment, self.channels = num_workers, seed, augment, channels
         self.splits: dict[str, _Pairs] = {}
         self.tokenizer = None
@@ -220,7 +220,11 @@ class ImageTextDataModule(L.LightningDataModule):
         return len(self.tokenizer)
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _collate(self, train: bool):
+    def dataset_for(self, split: str) -> Dataset:
+        self.setup()
+        return self.splits[split]
+
+    def collate_for(self, train: bool):
         def collate(batch):
             images = torch.stack([b[0] for b in batch])
             if train and self.augment:
@@ -232,20 +236,3 @@ class ImageTextDataModule(L.LightningDataModule):
             ids, mask = self.tokenize([b[1] for b in batch])
             return images, ids, mask, torch.stack([b[2] for b in batch])
         return collate
-
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        self.setup()
-        if train:
-            return ResumableDataLoader(self.splits[split], batch_size=self.batch_size, seed=self.seed,
-                                       num_workers=self.num_workers, collate_fn=self._collate(True))
-        return DataLoader(self.splits[split], batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=self._collate(False))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

@@ -23,11 +23,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from moezoo.data import SplitDataModule
 
 from moezoo.modalities.speech.features import SpecAugment, SpeechFeatures
 
@@ -298,7 +299,7 @@ def collate_speech(items: list[dict]) -> dict:
     return batch
 
 
-class SpeechDataModule(L.LightningDataModule):
+class SpeechDataModule(SplitDataModule):
     """Speech for :class:`~moezoo.modalities.speech.SpeechRecognition`.
 
     Args:
@@ -452,21 +453,12 @@ class SpeechDataModule(L.LightningDataModule):
         for split in needed.get(stage, _SPLITS):
             self._split(split)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        return DataLoader(
-            self._split(split), batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-            drop_last=train, num_workers=self.num_workers, collate_fn=collate_speech,
-            persistent_workers=self.num_workers > 0,
-        )
+    def dataset_for(self, split: str) -> Dataset:
+        return self._split(split)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+    def collate_for(self, train: bool):
+        return collate_speech
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+

@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from moezoo.data import SplitDataModule
 
 __all__ = ["BYTE_VOCAB_SIZE", "TextDataModule", "Windows", "load_tokenizer", "pydoc_topics_splits"]
 
@@ -78,7 +79,7 @@ class Windows(Dataset):
         return self.ids[start : start + self.length].long()
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Token windows for :class:`~moezoo.modalities.text.LanguageModeling`.
 
     Each item is (context_length + 1,) int64 ids: the model reads the first ``context_length`` and
@@ -217,26 +218,10 @@ class TextDataModule(L.LightningDataModule):
             self.bytes[split] = len(text.encode("utf-8"))
 
     # -- loaders ---------------------------------------------------------------------------------
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def dataset_for(self, split: str) -> Dataset:
         self.setup()
-        windows = Windows(self.ids[split], self.context_length + 1)
-        return DataLoader(
-            windows,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return Windows(self.ids[split], self.context_length + 1)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
-from moezoo.resume import ResumableDataLoader
+from moezoo.data import SplitDataModule
 
 __all__ = ["ImageDataModule", "load_digits_splits"]
 
@@ -45,7 +44,7 @@ def load_digits_splits(image_size: int = 16, seed: int = 0, val_fraction: float 
     return {name: (images[idx], labels[idx]) for name, idx in zip(_SPLITS, (train_idx, val_idx, test_idx))}
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(SplitDataModule):
     """Images and labels for :class:`~moezoo.modalities.vision.ImageClassification`.
 
     Args:
@@ -168,24 +167,9 @@ class ImageDataModule(L.LightningDataModule):
             out[i] = padded[i, :, dy : dy + self.image_size, dx : dx + self.image_size]
         return out, labels
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def dataset_for(self, split: str) -> Dataset:
         self.setup()
-        collate = self._shift if (train and self.augment and self.dataset == "digits") else None
-        if train:
-            return ResumableDataLoader(self.splits[split], batch_size=self.batch_size, seed=self.seed,
-                                       num_workers=self.num_workers, collate_fn=collate,
-                                       persistent_workers=self.num_workers > 0)
-        return DataLoader(self.splits[split], batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return self.splits[split]
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+    def collate_for(self, train: bool):
+        return self._shift if (train and self.augment and self.dataset == "digits") else None
