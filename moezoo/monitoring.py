@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, RichModelSummary
-from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from moezoo.layers.routed import parameter_counts, routed_layers
@@ -134,8 +133,14 @@ class RoutingMonitor(Callback):
             self._heatmap(trainer, routed_layers(pl_module), counts, "val")
 
     # -- pictures ----------------------------------------------------------------------------
-    @rank_zero_only
     def _heatmap(self, trainer: L.Trainer, layers, counts: dict[str, Tensor | None], stage: str) -> None:
+        # trainer.log_dir is a broadcast under DDP: every rank must ask for it, or rank 0 waits forever.
+        directory = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
+        if trainer.is_global_zero:
+            self._draw_heatmap(trainer, directory, layers, counts, stage)
+
+    def _draw_heatmap(self, trainer: L.Trainer, directory: Path, layers, counts: dict[str, Tensor | None],
+                      stage: str) -> None:
         rows, names = [], []
         for name, _ in layers:
             c = counts.get(name)
@@ -149,7 +154,6 @@ class RoutingMonitor(Callback):
 
         step = trainer.global_step
         fig = load_heatmap(torch.stack(rows), names, f"{stage} expert load, step {step}")
-        directory = Path(trainer.log_dir or trainer.default_root_dir) / "routing"
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{stage}_load_step{step:07d}.png"
         fig.savefig(path)

@@ -19,13 +19,24 @@ import torch  # noqa: E402
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(scope="session")
-def vmoe_reference() -> dict[str, np.ndarray]:
-    """Golden data produced by running google-research/vmoe (see tests/data/vmoe_reference.md)."""
-    with np.load(DATA / "vmoe_reference.npz") as f:
+def load_golden(path: Path) -> dict[str, np.ndarray]:
+    """A golden-data archive: arrays by name, and ``meta`` (a JSON string) decoded."""
+    with np.load(path) as f:
         data = {k: f[k] for k in f.files}
     data["meta"] = json.loads(str(data["meta"]))
     return data
+
+
+@pytest.fixture(scope="session")
+def vmoe_reference() -> dict[str, np.ndarray]:
+    """Golden data produced by running google-research/vmoe (see tests/data/vmoe_reference.md)."""
+    return load_golden(DATA / "vmoe_reference.npz")
+
+
+@pytest.fixture(scope="session")
+def time_moe_reference() -> dict[str, np.ndarray]:
+    """Golden data produced by running Time-MoE/Time-MoE (see tests/data/time_moe_reference.md)."""
+    return load_golden(DATA / "time_moe_reference" / "expected.npz")
 
 
 

@@ -33,23 +33,31 @@ class RotaryEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"n_rotate={self.n_rotate}, base={self.base}"
 
-    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions: (n,) absolute positions -> cos, sin: (n, n_rotate) in ``dtype``."""
+        freqs = torch.outer(positions.to(self.inv_freq.dtype), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (..., n, head_dim) at the positions of ``cos``, ``sin`` (n, n_rotate) -> rotated x.
+
+        For callers that cache rotated keys (a KV cache keeps absolute positions)."""
+        if self.n_rotate == 0:
+            return x
         r, rest = x[..., : self.n_rotate], x[..., self.n_rotate :]
         half = self.n_rotate // 2
-        rotated = torch.cat((-r[..., half:], r[..., :half]), dim=-1)
-        return torch.cat((r * cos + rotated * sin, rest), dim=-1)
+        rotated = r * cos + torch.cat((-r[..., half:], r[..., :half]), dim=-1) * sin
+        return rotated if rest.shape[-1] == 0 else torch.cat((rotated, rest), dim=-1)
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """q: (..., T, head_dim), k: (..., S, head_dim) -> rotated; query i sits at position
         ``S - T + i`` (the last T of the S key positions), key j at position j."""
         if self.n_rotate == 0:
             return q, k
-        positions = torch.arange(k.shape[-2], device=k.device, dtype=self.inv_freq.dtype)
-        freqs = torch.outer(positions, self.inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        cos, sin = self.cos_sin(torch.arange(k.shape[-2], device=k.device), q.dtype)
         offset = k.shape[-2] - q.shape[-2]
-        return self._rotate(q, cos[offset:], sin[offset:]), self._rotate(k, cos, sin)
+        return self.rotate(q, cos[offset:], sin[offset:]), self.rotate(k, cos, sin)
 
 
 def attention_mask(batch: int, queries: int, keys: int, causal: bool, key_padding_mask: Tensor | None,

@@ -1,0 +1,639 @@
+"""Time-MoE (Shi et al. 2024, arXiv 2409.16040): a decoder-only MoE forecaster with point-wise tokens.
+
+Built from moezoo's parts (``moezoo.layers.MoE`` with a ``TopKRouter`` and the sigmoid-gated
+shared expert) and numerically faithful to the reference (github Time-MoE/Time-MoE,
+``time_moe/models/modeling_time_moe.py`` and ``ts_generation_mixin.py``) and its public checkpoints
+``Maple728/TimeMoE-50M`` / ``-200M``:
+
+- every time point is a token, embedded by ``silu(gate_layer(x)) * emb_layer(x)`` (no bias);
+- pre-norm decoder layers: RMSNorm (eps 1e-6, fp32 variance), causal attention with q/k/v biases,
+  no o bias, rotary embeddings (rotate-half, theta 10000, absolute positions also under the KV
+  cache), RMSNorm, an MoE FFN; a final RMSNorm;
+- MoE FFN: softmax over E experts then top-k **without renormalisation**; each expert a SwiGLU of
+  width ``intermediate_size // k``; plus one shared SwiGLU expert of width ``intermediate_size``
+  scaled by ``sigmoid(w . h)`` per token;
+- one linear head per horizon in ``horizon_lengths``: at position t, head h predicts x[t+1..t+h].
+
+The state dict is the reference's (its key names and shapes): the stacked expert weights are
+split into ``experts.<j>.{gate,up,down}_proj.weight`` when saving and stacked again when loading
+(see :func:`moe_to_reference` / :func:`moe_from_reference`), so a reference checkpoint loads with
+:func:`moezoo.zoo.checkpoint.load_checkpoint` and any moezoo checkpoint of this model is in the
+reference layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moezoo.kernels.activations import get_activation
+from moezoo.layers.attention import RotaryEmbedding
+from moezoo.layers.experts import Experts
+from moezoo.layers.mlp import MLP
+from moezoo.layers.moe import MoE
+from moezoo.modalities.timeseries.losses import autoregressive_loss, time_moe_balance_loss
+from moezoo.routers.top_k import TopKRouter
+
+__all__ = [
+    "CONFIG_FIELDS",
+    "KVCache",
+    "RMSNorm",
+    "TimeMoE",
+    "TimeMoELoss",
+    "moe_from_reference",
+    "moe_to_reference",
+]
+
+CONFIG_NAME = "config.json"
+
+#: config.json fields of the reference ``TimeMoeConfig`` that define the network, as constructor
+#: arguments of :class:`TimeMoE` (same names).
+CONFIG_FIELDS = (
+    "input_size", "hidden_size", "intermediate_size", "horizon_lengths", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "hidden_act", "num_experts_per_tok", "num_experts",
+    "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_dense", "rope_theta",
+    "attention_dropout", "router_aux_loss_factor",
+)
+
+#: HF activation names (``transformers.activations.ACT2FN``) -> moezoo's.
+_HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_pytorch_tanh": "gelu_tanh"}
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"TimeMoE: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x^2) + eps)``, the mean taken in fp32 (LLaMA / the reference)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (..., dim) -> (..., dim)."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the positions seen so far, per layer: (batch, kv_heads, seen, head_dim)."""
+
+    keys: list[Tensor | None] = field(default_factory=list)
+    values: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        """Number of positions cached (0 when empty)."""
+        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new positions of layer ``index``; returns the layer's full keys and values."""
+        while len(self.keys) <= index:
+            self.keys.append(None)
+            self.values.append(None)
+        if self.keys[index] is not None:
+            k = torch.cat([self.keys[index], k], dim=2)
+            v = torch.cat([self.values[index], v], dim=2)
+        self.keys[index], self.values[index] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with RoPE and grouped KV heads (Qwen2-style: q/k/v biases, no o bias)."""
+
+    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"TimeMoE: hidden_size={dim} must be divisible by num_attention_heads={num_heads}")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"TimeMoE: num_attention_heads={num_heads} must be a multiple of num_key_value_heads={num_kv_heads}"
+            )
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, rope: RotaryEmbedding, cos: Tensor, sin: Tensor, cache: KVCache | None,
+                index: int) -> Tensor:
+        """x: (batch, n, dim) new positions; cos, sin: (n, head_dim) of their absolute positions."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
+        past = 0
+        if cache is not None:
+            cached = cache.keys[index] if index < len(cache.keys) else None
+            past = 0 if cached is None else cached.shape[2]
+            k, v = cache.update(index, k, v)
+        if self.num_kv_heads != self.num_heads:
+            repeat = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        # New query i sits at position past + i and sees keys 0 .. past + i.
+        mask = None
+        if past and n > 1:
+            mask = torch.arange(past + n, device=x.device) <= (past + torch.arange(n, device=x.device)).unsqueeze(1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=past == 0 and n > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class InputEmbedding(nn.Module):
+    """The reference's point-wise embedding: ``act(gate_layer(x)) * emb_layer(x)``, two 1 -> D linears."""
+
+    def __init__(self, dim: int, activation: str = "silu") -> None:
+        super().__init__()
+        self.emb_layer = nn.Linear(1, dim, bias=False)
+        self.gate_layer = nn.Linear(1, dim, bias=False)
+        self.act = get_activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (batch, length) -> (batch, length, dim)."""
+        x = x.unsqueeze(-1)
+        return self.act(self.gate_layer(x)) * self.emb_layer(x)
+
+
+# -- the reference's key names for the FFN ---------------------------------------------------------
+
+def moe_to_reference(state: dict[str, Tensor], prefix: str, num_experts: int) -> None:
+    """Rewrite, in place, one :class:`~moezoo.layers.MoE` FFN's entries under ``prefix`` into the
+    reference ``TimeMoeSparseExpertsLayer`` names.
+
+    ``router.gate.weight`` -> ``gate.weight``; ``experts.w_in[j]`` (dim, 2H) = [gate | up] ->
+    ``experts.j.gate_proj.weight`` (H, dim) and ``experts.j.up_proj.weight``; ``experts.w_out[j]``
+    (H, dim) -> ``experts.j.down_proj.weight`` (dim, H); ``shared.fc1.weight`` (2S, dim) ->
+    ``shared_expert.{gate,up}_proj.weight``; ``shared.fc2.weight`` -> ``shared_expert.down_proj.weight``;
+    ``shared_gate.weight`` -> ``shared_expert_gate.weight``.
+    """
+    state[prefix + "gate.weight"] = state.pop(prefix + "router.gate.weight")
+    w_in, w_out = state.pop(prefix + "experts.w_in"), state.pop(prefix + "experts.w_out")
+    for j in range(num_experts):
+        gate, up = w_in[j].t().chunk(2, dim=0)
+        state[f"{prefix}experts.{j}.gate_proj.weight"] = gate
+        state[f"{prefix}experts.{j}.up_proj.weight"] = up
+        state[f"{prefix}experts.{j}.down_proj.weight"] = w_out[j].t()
+    _mlp_to_reference(state, prefix + "shared.", prefix + "shared_expert.")
+    state[prefix + "shared_expert_gate.weight"] = state.pop(prefix + "shared_gate.weight")
+
+
+def moe_from_reference(state: dict[str, Tensor], prefix: str, num_experts: int) -> None:
+    """The inverse of :func:`moe_to_reference`, in place. Does nothing unless every reference
+    entry is present, so an incomplete checkpoint is reported by the loader under the reference
+    names."""
+    needed = [prefix + "gate.weight", prefix + "shared_expert_gate.weight"]
+    needed += [f"{prefix}shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
+    needed += [f"{prefix}experts.{j}.{p}_proj.weight" for j in range(num_experts) for p in ("gate", "up", "down")]
+    if not all(key in state for key in needed):
+        return
+    state[prefix + "router.gate.weight"] = state.pop(prefix + "gate.weight")
+    w_in, w_out = [], []
+    for j in range(num_experts):
+        gate = state.pop(f"{prefix}experts.{j}.gate_proj.weight")
+        up = state.pop(f"{prefix}experts.{j}.up_proj.weight")
+        w_in.append(torch.cat([gate, up], dim=0).t())
+        w_out.append(state.pop(f"{prefix}experts.{j}.down_proj.weight").t())
+    state[prefix + "experts.w_in"] = torch.stack(w_in)
+    state[prefix + "experts.w_out"] = torch.stack(w_out)
+    _mlp_from_reference(state, prefix + "shared_expert.", prefix + "shared.")
+    state[prefix + "shared_gate.weight"] = state.pop(prefix + "shared_expert_gate.weight")
+
+
+def _mlp_to_reference(state: dict[str, Tensor], ours: str, theirs: str) -> None:
+    gate, up = state.pop(ours + "fc1.weight").chunk(2, dim=0)
+    state[theirs + "gate_proj.weight"], state[theirs + "up_proj.weight"] = gate, up
+    state[theirs + "down_proj.weight"] = state.pop(ours + "fc2.weight")
+
+
+def _mlp_from_reference(state: dict[str, Tensor], theirs: str, ours: str) -> None:
+    needed = [f"{theirs}{p}_proj.weight" for p in ("gate", "up", "down")]
+    if not all(key in state for key in needed):
+        return
+    gate, up = state.pop(needed[0]), state.pop(needed[1])
+    state[ours + "fc1.weight"] = torch.cat([gate, up], dim=0)
+    state[ours + "fc2.weight"] = state.pop(needed[2])
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; the FFN is an MoE (or a dense
+    SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``."""
+
+    def __init__(self, index: int, dim: int, intermediate: int, num_heads: int, num_kv_heads: int,
+                 num_experts: int, k: int, activation: str, eps: float, attention_dropout: float,
+                 use_dense: bool, backend: str) -> None:
+        super().__init__()
+        self.index = index
+        self.self_attn = Attention(dim, num_heads, num_kv_heads, attention_dropout)
+        self.input_layernorm = RMSNorm(dim, eps)
+        self.post_attention_layernorm = RMSNorm(dim, eps)
+        self.router_logits: Tensor | None = None
+        if use_dense:
+            self.ffn_layer = MLP(dim, intermediate, activation, gated=True, bias=False)
+            self.ffn_layer.register_state_dict_post_hook(_dense_state_to_reference)
+            self.ffn_layer.register_load_state_dict_pre_hook(_dense_state_from_reference)
+        else:
+            self.ffn_layer = MoE(
+                dim, intermediate // k, num_experts, TopKRouter(dim, num_experts, k=k),
+                shared_experts=1, shared_hidden=intermediate, shared_gate=True,
+                activation=activation, gated=True, bias=False, backend=backend,
+            )
+            self.ffn_layer.router.register_forward_hook(self._keep_router_logits)
+            self.ffn_layer.register_state_dict_post_hook(_moe_state_to_reference)
+            self.ffn_layer.register_load_state_dict_pre_hook(_moe_state_from_reference)
+
+    def _keep_router_logits(self, module: nn.Module, args: Any, routing: Any) -> None:
+        self.router_logits = routing.logits
+
+    def forward(self, x: Tensor, rope: RotaryEmbedding, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        """x: (batch, n, dim) -> (batch, n, dim)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, self.index)
+        return x + self.ffn_layer(self.post_attention_layernorm(x))
+
+
+def _moe_state_to_reference(module: MoE, state: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    moe_to_reference(state, prefix, module.num_experts)
+
+
+def _moe_state_from_reference(module: MoE, state: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    moe_from_reference(state, prefix, module.num_experts)
+
+
+def _dense_state_to_reference(module: MLP, state: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    _mlp_to_reference(state, prefix, prefix)
+
+
+def _dense_state_from_reference(module: MLP, state: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    _mlp_from_reference(state, prefix, prefix)
+
+
+class TimeMoEBackbone(nn.Module):
+    """Embedding, decoder layers and final norm (the reference's ``TimeMoeModel``)."""
+
+    def __init__(self, dim: int, layers: list[DecoderLayer], activation: str, eps: float, rope_theta: float,
+                 head_dim: int) -> None:
+        super().__init__()
+        self.embed_layer = InputEmbedding(dim, activation)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(dim, eps)
+        self.rotary = RotaryEmbedding(head_dim, fraction=1.0, base=rope_theta)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: (batch, n) values at positions ``cache.length ..`` -> (batch, n, dim) normed hidden states."""
+        start = 0 if cache is None else cache.length
+        h = self.embed_layer(x)
+        cos, sin = self.rotary.cos_sin(torch.arange(start, start + x.shape[1], device=x.device), h.dtype)
+        for layer in self.layers:
+            h = layer(h, self.rotary, cos, sin, cache)
+        return self.norm(h)
+
+
+class OutputHead(nn.Module):
+    """One forecasting head: ``out_layer`` D -> horizon, no bias."""
+
+    def __init__(self, dim: int, horizon: int) -> None:
+        super().__init__()
+        self.out_layer = nn.Linear(dim, horizon, bias=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.out_layer(h)
+
+
+@dataclass
+class TimeMoELoss:
+    """The reference objective ``loss = ar_loss + router_aux_loss_factor * aux_loss`` and its parts."""
+
+    loss: Tensor
+    ar_loss: Tensor
+    aux_loss: Tensor | None
+
+
+class TimeMoE(nn.Module):
+    """Time-MoE forecaster; ``forward(x: (batch, length)) -> [per head (batch, length, h)]``.
+
+    Constructor arguments are the reference ``TimeMoeConfig`` fields (same names and meaning), so a
+    ``config.json`` maps onto them one to one; defaults are TimeMoE-50M's.
+
+    Args:
+        input_size: values per token; the public checkpoints use 1, the only size supported.
+        hidden_size: model width D.
+        intermediate_size: width of the shared expert; routed experts are ``intermediate_size // k``.
+        horizon_lengths: the forecasting heads' horizons (ascending, as in the reference).
+        num_hidden_layers: decoder layers.
+        num_attention_heads: attention heads.
+        num_key_value_heads: KV heads (grouped-query attention); None = ``num_attention_heads``.
+        hidden_act: expert and embedding activation (HF name: "silu", "gelu", "relu", ...).
+        num_experts_per_tok: k.
+        num_experts: E routed experts.
+        max_position_embeddings: the reference's RoPE cache size; positions beyond it still work
+            (the reference extends its cache too), kept for config round trips.
+        initializer_range: std of the N(0, std) init of every linear weight (biases 0).
+        rms_norm_eps: RMSNorm epsilon.
+        use_dense: a dense SwiGLU FFN of width ``intermediate_size`` instead of the MoE (no aux loss).
+        rope_theta: RoPE base.
+        attention_dropout: dropout on the attention weights in training.
+        router_aux_loss_factor: weight of the balance loss in :meth:`loss` (0.02).
+        embed_init_std: std of the N(0, std) init of the two 1 -> D embedding weights; None uses
+            ``initializer_range`` as the reference. With 0.02, ``silu(0.02 x) * 0.02 x`` is almost
+            ``x**2`` (blind to the sign of x) until training grows the gate, which costs the reference
+            nothing over 100k steps but stalls a short pre-training; an init-only setting, not saved.
+        backend: expert-computation backend of :func:`moezoo.kernels.expert_mlp`.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 1,
+        hidden_size: int = 384,
+        intermediate_size: int = 1536,
+        horizon_lengths: Sequence[int] | int = (1, 8, 32, 64),
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        num_key_value_heads: int | None = None,
+        hidden_act: str = "silu",
+        num_experts_per_tok: int = 2,
+        num_experts: int = 8,
+        max_position_embeddings: int = 4096,
+        initializer_range: float = 0.02,
+        rms_norm_eps: float = 1e-6,
+        use_dense: bool = False,
+        rope_theta: float = 10000.0,
+        attention_dropout: float = 0.0,
+        router_aux_loss_factor: float = 0.02,
+        embed_init_std: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if input_size != 1:
+            raise ValueError(f"TimeMoE: input_size must be 1 (point-wise univariate tokens), got {input_size!r}")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_experts_per_tok", "num_experts", "max_position_embeddings"):
+            _positive_int(name, locals()[name])
+        if isinstance(horizon_lengths, int):
+            horizon_lengths = [horizon_lengths]
+        horizons = list(horizon_lengths)
+        if not horizons or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in horizons):
+            raise ValueError(f"TimeMoE: horizon_lengths must be a non-empty list of ints >= 1, got {horizon_lengths!r}")
+        kv_heads = num_attention_heads if num_key_value_heads is None else _positive_int(
+            "num_key_value_heads", num_key_value_heads)
+        if hidden_act not in _HF_ACTIVATIONS:
+            raise ValueError(f"TimeMoE: hidden_act must be one of {sorted(_HF_ACTIVATIONS)}, got {hidden_act!r}")
+        if not use_dense and num_experts_per_tok > num_experts:
+            raise ValueError(
+                f"TimeMoE: num_experts_per_tok={num_experts_per_tok} must be <= num_experts={num_experts}")
+        if not use_dense and intermediate_size // num_experts_per_tok < 1:
+            raise ValueError(f"TimeMoE: intermediate_size={intermediate_size} is too small for k={num_experts_per_tok}")
+        if not 0.0 <= attention_dropout < 1.0:
+            raise ValueError(f"TimeMoE: attention_dropout must be in [0, 1), got {attention_dropout}")
+        if router_aux_loss_factor < 0 or initializer_range <= 0 or rms_norm_eps <= 0 or rope_theta <= 0:
+            raise ValueError(
+                "TimeMoE: router_aux_loss_factor must be >= 0 and initializer_range, rms_norm_eps, rope_theta > 0; "
+                f"got {router_aux_loss_factor}, {initializer_range}, {rms_norm_eps}, {rope_theta}"
+            )
+        self.config: dict[str, Any] = {
+            "input_size": 1, "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "horizon_lengths": horizons, "num_hidden_layers": num_hidden_layers,
+            "num_attention_heads": num_attention_heads, "num_key_value_heads": kv_heads, "hidden_act": hidden_act,
+            "num_experts_per_tok": num_experts_per_tok, "num_experts": num_experts,
+            "max_position_embeddings": max_position_embeddings, "initializer_range": initializer_range,
+            "rms_norm_eps": rms_norm_eps, "use_dense": bool(use_dense), "rope_theta": rope_theta,
+            "attention_dropout": attention_dropout, "router_aux_loss_factor": router_aux_loss_factor,
+        }
+        self.horizon_lengths = horizons
+        self.k = num_experts_per_tok
+        self.use_dense = bool(use_dense)
+        self.router_aux_loss_factor = router_aux_loss_factor
+        activation = _HF_ACTIVATIONS[hidden_act]
+        layers = [
+            DecoderLayer(i, hidden_size, intermediate_size, num_attention_heads, kv_heads, num_experts,
+                         num_experts_per_tok, activation, rms_norm_eps, attention_dropout, self.use_dense, backend)
+            for i in range(num_hidden_layers)
+        ]
+        self.model = TimeMoEBackbone(hidden_size, layers, activation, rms_norm_eps, rope_theta,
+                                     hidden_size // num_attention_heads)
+        self.lm_heads = nn.ModuleList(OutputHead(hidden_size, h) for h in horizons)
+        # As the reference's dict: a repeated horizon maps to its last head.
+        self._head_of = {h: i for i, h in enumerate(horizons)}
+        if embed_init_std is not None and embed_init_std <= 0:
+            raise ValueError(f"TimeMoE: embed_init_std must be > 0 or None, got {embed_init_std}")
+        self.embed_init_std = embed_init_std
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference init: every linear weight (experts included) N(0, initializer_range), biases 0,
+        norms 1; the embedding weights N(0, embed_init_std) when that is set."""
+        std = self.config["initializer_range"]
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.normal_(0.0, std)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, Experts):
+                module.w_in.normal_(0.0, std)
+                module.w_out.normal_(0.0, std)
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        if self.embed_init_std is not None:
+            self.model.embed_layer.emb_layer.weight.normal_(0.0, self.embed_init_std)
+            self.model.embed_layer.gate_layer.weight.normal_(0.0, self.embed_init_std)
+
+    # -- forward and objective -------------------------------------------------------------------
+    def hidden_states(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: (batch, n) -> (batch, n, hidden_size); with ``cache``, x continues the cached positions."""
+        if x.dim() != 2:
+            raise ValueError(f"TimeMoE: x must have shape (batch, length), got {tuple(x.shape)}")
+        return self.model(x.to(self.lm_heads[0].out_layer.weight.dtype), cache)
+
+    def forward(self, x: Tensor, cache: KVCache | None = None) -> list[Tensor]:
+        """x: (batch, length) -> per head j (batch, length, horizon_lengths[j])."""
+        h = self.hidden_states(x, cache)
+        return [head(h) for head in self.lm_heads]
+
+    @property
+    def router_logits(self) -> list[Tensor]:
+        """Per layer, the (batch * n, num_experts) fp32 router logits of the last forward."""
+        return [layer.router_logits for layer in self.model.layers if layer.router_logits is not None]
+
+    def loss(self, x: Tensor, labels: Tensor, loss_mask: Tensor | None = None) -> TimeMoELoss:
+        """The reference training objective on a window.
+
+        Args:
+            x: (batch, length) inputs.
+            labels: (batch, length), ``labels[:, t]`` = the value after ``x[:, t]``.
+            loss_mask: (batch, length) 1 for real labels, 0 for padding; None = all real.
+        """
+        if labels.shape != x.shape or (loss_mask is not None and loss_mask.shape != x.shape):
+            raise ValueError(
+                f"TimeMoE.loss: x {tuple(x.shape)}, labels {tuple(labels.shape)} and loss_mask "
+                f"{None if loss_mask is None else tuple(loss_mask.shape)} must have the same shape"
+            )
+        predictions = self(x)
+        ar = autoregressive_loss(predictions, self.horizon_lengths, labels, loss_mask)
+        if self.use_dense:
+            return TimeMoELoss(ar, ar, None)
+        aux = time_moe_balance_loss(self.router_logits, self.k)
+        return TimeMoELoss(ar + self.router_aux_loss_factor * aux.to(ar.dtype), ar, aux)
+
+    # -- generation --------------------------------------------------------------------------------
+    def select_head(self, remaining: int) -> int:
+        """Index of the head the reference uses when ``remaining`` points are still to forecast: the
+        first horizon, then each next one while it is <= remaining (config order, stopping at the
+        first larger one). A head longer than ``remaining`` is cut to ``remaining`` by the caller."""
+        chosen = self.horizon_lengths[0]
+        for h in self.horizon_lengths[1:]:
+            if h > remaining:
+                break
+            chosen = h
+        return self._head_of[chosen]
+
+    @torch.no_grad()
+    def forecast(self, context: Tensor, horizon: int, normalize: bool = False, use_cache: bool = True) -> Tensor:
+        """Greedy multi-resolution forecast, as the reference's ``generate``.
+
+        Each step feeds the points not yet seen (the context first, then the last chunk) and appends
+        the last position's prediction of the head :meth:`select_head` picks for the remaining
+        horizon, until ``horizon`` points are out.
+
+        Args:
+            context: (batch, length) history.
+            horizon: points to forecast (any number; longer than the longest head is done in steps).
+            normalize: z-score each series with its context mean and std (torch's unbiased std, as
+                the reference README; a constant context uses std 1) and undo it on the forecast.
+            use_cache: keep keys and values between steps (the reference does); False recomputes
+                the whole sequence at every step (same values, slower).
+
+        Returns:
+            (batch, horizon) in the context's dtype.
+        """
+        if context.dim() != 2 or context.shape[1] < 1:
+            raise ValueError(f"forecast: context must have shape (batch, length >= 1), got {tuple(context.shape)}")
+        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+            raise ValueError(f"forecast: horizon must be an int >= 1, got {horizon!r}")
+        dtype = self.lm_heads[0].out_layer.weight.dtype
+        series = context.to(dtype)
+        if normalize:
+            if context.shape[1] < 2:
+                raise ValueError("forecast: normalize=True needs a context of at least 2 points")
+            mean, std = series.mean(dim=-1, keepdim=True), series.std(dim=-1, keepdim=True)
+            std = torch.where(std == 0, torch.ones_like(std), std)
+            series = (series - mean) / std
+        was_training = self.training
+        self.eval()
+        try:
+            cache = KVCache() if use_cache else None
+            step_input, seen, chunks, produced = series, series, [], 0
+            while produced < horizon:
+                remaining = horizon - produced
+                head = self.lm_heads[self.select_head(remaining)]
+                hidden = self.hidden_states(step_input if use_cache else seen, cache)
+                chunk = head(hidden[:, -1])[:, :remaining]
+                chunks.append(chunk)
+                produced += chunk.shape[1]
+                step_input, seen = chunk, torch.cat([seen, chunk], dim=1)
+        finally:
+            self.train(was_training)
+        out = torch.cat(chunks, dim=1)
+        if normalize:
+            out = out * std + mean
+        return out.to(context.dtype)
+
+    # -- reference layout IO ---------------------------------------------------------------------
+    @staticmethod
+    def config_from_dict(config: Mapping[str, Any], source: str = "config") -> dict[str, Any]:
+        """Constructor arguments from a reference ``config.json`` dict; other fields (architectures,
+        auto_map, torch_dtype, transformers_version, use_cache, ...) carry no network settings."""
+        if config.get("model_type", "time_moe") != "time_moe":
+            raise ValueError(f"{source}: model_type must be 'time_moe', got {config.get('model_type')!r}")
+        missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+                   if k not in config]
+        if missing:
+            raise ValueError(f"{source}: missing Time-MoE config fields {missing}")
+        use_dense = bool(config.get("use_dense", False))
+        if "apply_aux_loss" in config and bool(config["apply_aux_loss"]) == use_dense:
+            raise ValueError(
+                f"{source}: the reference requires apply_aux_loss == not use_dense, got "
+                f"apply_aux_loss={config['apply_aux_loss']}, use_dense={use_dense}"
+            )
+        # The reference TimeMoeConfig defaults, for fields a config.json leaves out.
+        defaults = {"input_size": 1, "horizon_lengths": 1, "num_key_value_heads": None, "hidden_act": "silu",
+                    "num_experts_per_tok": 2, "num_experts": 1, "max_position_embeddings": 32768,
+                    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "use_dense": False, "rope_theta": 10000,
+                    "attention_dropout": 0.0, "router_aux_loss_factor": 0.02}
+        return {name: config.get(name, defaults.get(name)) for name in CONFIG_FIELDS}
+
+    def reference_config(self) -> dict[str, Any]:
+        """The ``config.json`` the reference writes for this network."""
+        dtype = str(self.lm_heads[0].out_layer.weight.dtype).removeprefix("torch.")
+        return {
+            **self.config,
+            "apply_aux_loss": not self.use_dense,
+            "architectures": ["TimeMoeForPrediction"],
+            "model_type": "time_moe",
+            "tie_word_embeddings": False,
+            "torch_dtype": dtype,
+            "use_cache": True,
+        }
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, backend: str = "auto",
+                        revision: str | None = None) -> TimeMoE:
+        """A model from a folder (or HF hub repo id) holding the reference's ``config.json`` and
+        ``model.safetensors`` (e.g. ``"Maple728/TimeMoE-50M"``).
+
+        The hub is reached through ``huggingface_hub.snapshot_download`` (its cache, HF_HUB_OFFLINE
+        and HF_HOME apply). Weights are loaded all-or-nothing by
+        :func:`moezoo.zoo.checkpoint.load_checkpoint`: a missing or unexpected key or a wrong shape
+        raises a ``CheckpointError`` naming the reference keys. The parameters are float32 whatever
+        the file's dtype (the public checkpoints are bfloat16); cast the model to change that.
+        """
+        from moezoo.zoo.checkpoint import load_checkpoint
+
+        folder = Path(os.path.expanduser(str(path_or_hub_id)))
+        if not folder.is_dir():
+            if folder.exists() or str(path_or_hub_id).count("/") != 1:
+                raise FileNotFoundError(
+                    f"TimeMoE.from_pretrained: {path_or_hub_id!r} is neither a folder nor a hub id 'owner/name'"
+                )
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(path_or_hub_id), revision=revision,
+                                            allow_patterns=[CONFIG_NAME, "*.safetensors"]))
+        config_file = folder / CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"TimeMoE.from_pretrained: no {CONFIG_NAME} in {folder}")
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"TimeMoE.from_pretrained: {config_file} is not valid JSON ({err})") from err
+        model = cls(**cls.config_from_dict(config, str(config_file)), backend=backend)
+        load_checkpoint(model, folder, entry=str(path_or_hub_id))
+        return model
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` in the reference layout (loadable by
+        :meth:`from_pretrained` and by the reference code)."""
+        from moezoo.zoo.checkpoint import save_checkpoint
+
+        target = Path(directory)
+        target.mkdir(parents=True, exist_ok=True)
+        # transformers refuses safetensors files without the "format" metadata.
+        save_checkpoint(self, target, metadata={"format": "pt"})
+        (target / CONFIG_NAME).write_text(json.dumps(self.reference_config(), indent=2, sort_keys=True) + "\n")
+        return target
