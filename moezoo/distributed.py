@@ -38,6 +38,13 @@ class ExpertParallel(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.groups is not None or self.size == 1:
             return
+        if trainer.gradient_clip_val:
+            # Lightning clips by each rank's own gradient norm, which here covers only that rank's
+            # experts: ranks would scale the shared weights differently and drift apart.
+            raise ValueError(
+                f"ExpertParallel(size={self.size}) does not support gradient clipping yet "
+                f"(trainer.gradient_clip_val={trainer.gradient_clip_val}): set it to null"
+            )
         if not dist.is_initialized() or trainer.world_size % self.size:
             raise ValueError(
                 f"ExpertParallel(size={self.size}) needs a distributed strategy whose world size "

@@ -4,6 +4,7 @@ and a model summary with active parameters."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +20,8 @@ log = logging.getLogger("moezoo")
 
 
 def layer_statistics(stats: dict[str, Tensor], losses: dict[str, Tensor]) -> dict[str, float]:
-    """Scalar summaries of one layer's routing: load CV, max/mean load, drops, entropy, losses.
+    """Scalar summaries of one layer's routing: share of tokens per expert, load CV, max/mean load,
+    drops, entropy, losses.
 
     Args:
         stats: the layer's ``last_stats`` (``tokens_per_expert`` (E,), ``dropped_fraction``, ...).
@@ -31,6 +33,8 @@ def layer_statistics(stats: dict[str, Tensor], losses: dict[str, Tensor]) -> dic
         mean = load.mean().clamp_min(1e-12)
         out["load_cv"] = (load.std(unbiased=False) / mean).item()
         out["load_max_over_mean"] = (load.max() / mean).item()
+        share = load / load.sum().clamp_min(1e-12)
+        out.update({f"share/expert_{e:02d}": float(v) for e, v in enumerate(share.tolist())})
     for key in ("dropped_fraction", "unrouted_fraction", "entropy"):
         if key in stats:
             out[key] = float(stats[key])
@@ -39,16 +43,26 @@ def layer_statistics(stats: dict[str, Tensor], losses: dict[str, Tensor]) -> dic
     return out
 
 
-def load_heatmap(shares: Tensor, layer_names: list[str], title: str):
-    """A matplotlib figure of ``shares`` (layers, experts): each layer's share of tokens per expert."""
+def load_heatmap(shares: Tensor | Sequence[Tensor], layer_names: list[str], title: str):
+    """A matplotlib figure of each layer's share of tokens per expert.
+
+    Args:
+        shares: (layers, experts), or one (experts_i,) row per layer when layers have different
+            numbers of experts (a row is left blank past its layer's experts).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    layers, experts = shares.shape
+    rows = [torch.as_tensor(r, dtype=torch.float32).flatten() for r in shares]
+    layers, experts = len(rows), max(r.numel() for r in rows)
+    grid = np.full((layers, experts), np.nan, dtype=np.float32)
+    for i, r in enumerate(rows):
+        grid[i, : r.numel()] = r.numpy()
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * experts + 2.5), max(2.2, 0.45 * layers + 1.4)), dpi=110)
-    image = ax.imshow(shares.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", vmin=0.0)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")
     ax.set_yticks(range(layers), layer_names, fontsize=7)
@@ -84,16 +98,20 @@ class RoutingMonitor(Callback):
         layers = routed_layers(pl_module)
         if not layers:
             return
-        self._track_dead(layers, trainer.global_step)
+        # Each rank routes its own batch: an expert is dead only if no rank sent it a token.
+        counts = {n: layer.last_stats.get("tokens_per_expert") for n, layer in layers}
+        if trainer.world_size > 1:
+            counts = {n: None if c is None else trainer.strategy.reduce(c.float(), reduce_op="sum")
+                      for n, c in counts.items()}
+        self._track_dead(counts, trainer.global_step)
         if trainer.global_step % self.every_n_steps:
             return
         self._log_layers(pl_module, layers, "train", on_step=True)
         if self.heatmaps:
-            self._heatmap(trainer, layers, {n: l.last_stats.get("tokens_per_expert") for n, l in layers}, "train")
+            self._heatmap(trainer, layers, counts, "train")
 
-    def _track_dead(self, layers, step: int) -> None:
-        for name, layer in layers:
-            counts = layer.last_stats.get("tokens_per_expert")
+    def _track_dead(self, all_counts: dict[str, Tensor | None], step: int) -> None:
+        for name, counts in all_counts.items():
             if counts is None:
                 continue
             idle = self._idle.get(name, torch.zeros_like(counts))
@@ -148,12 +166,12 @@ class RoutingMonitor(Callback):
                 continue
             rows.append(c.float().cpu() / c.float().sum().clamp_min(1e-12))
             names.append(name)
-        if not rows or len({r.numel() for r in rows}) != 1:
+        if not rows:
             return
         import matplotlib.pyplot as plt
 
         step = trainer.global_step
-        fig = load_heatmap(torch.stack(rows), names, f"{stage} expert load, step {step}")
+        fig = load_heatmap(rows, names, f"{stage} expert load, step {step}")
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{stage}_load_step{step:07d}.png"
         fig.savefig(path)

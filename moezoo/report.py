@@ -15,6 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.layers.routed import routed_layers
+from moezoo.routers.base import Router
+from moezoo.routers.hash import HashRouter
 from moezoo.monitoring import layer_statistics, load_heatmap
 
 __all__ = ["RoutingRecorder", "main", "routing_report"]
@@ -28,14 +30,23 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: nn.Module, top: int = 6) -> None:
-        self.layers = [(n, layer) for n, layer in routed_layers(model) if hasattr(layer, "router")]
+        self.layers = routed_layers(model)
         self.top = top
         self.counts: dict[str, Tensor] = {}
         self.modality_counts: dict[str, dict[str, Tensor]] = {}
         self.scalars: dict[str, dict[str, list[float]]] = {}
         self.best: dict[str, list[list[tuple[float, int, int]]]] = {}
         self.batch = 0
-        self._handles = [layer.router.register_forward_hook(self._hook(name)) for name, layer in self.layers]
+        # One entry per router: a layer's name, or "<layer>.<router>" where a layer routes twice
+        # (SwitchHead selects value and output experts separately).
+        self.routers: list[tuple[str, str]] = []  # (router key, layer name)
+        self._handles = []
+        for name, layer in self.layers:
+            routers = [(n, m) for n, m in layer.named_modules() if isinstance(m, (Router, HashRouter))]
+            for child, router in routers:
+                key = name if len(routers) == 1 else f"{name}.{child}"
+                self.routers.append((key, name))
+                self._handles.append(router.register_forward_hook(self._hook(key)))
 
     def _hook(self, name: str):
         def record(module, args, routing) -> None:
@@ -69,18 +80,18 @@ class RoutingRecorder:
 
     def summary(self) -> dict:
         out = {}
-        for name, _ in self.layers:
-            counts = self.counts.get(name)
+        for key, name in self.routers:
+            counts = self.counts.get(key)
             if counts is None:
                 continue
             share = counts / counts.sum().clamp_min(1e-12)
-            out[name] = {
+            out[key] = {
                 "tokens_per_expert": counts.tolist(),
                 "share_per_expert": share.tolist(),
                 **{k: sum(v) / len(v) for k, v in self.scalars.get(name, {}).items()},
             }
             if name in self.modality_counts:
-                out[name]["modality_share_per_expert"] = {
+                out[key]["modality_share_per_expert"] = {
                     m: (c / c.sum().clamp_min(1e-12)).tolist() for m, c in self.modality_counts[name].items()
                 }
         return out
@@ -212,8 +223,7 @@ def routing_report(model: nn.Module, batches, out_dir: str | Path, *, title: str
     pictures: dict[str, bytes] = {}
     names = list(summary)
     shares = [torch.tensor(summary[n]["share_per_expert"]) for n in names]
-    if len({s.numel() for s in shares}) == 1:
-        pictures["load_heatmap.png"] = _png(load_heatmap(torch.stack(shares), names, "share of tokens per expert"))
+    pictures["load_heatmap.png"] = _png(load_heatmap(shares, names, "share of tokens per expert"))
     pictures["dropped_fraction.png"] = _png(_drops_figure(summary))
     modality_figure = _modality_figure(summary)
     if modality_figure is not None:

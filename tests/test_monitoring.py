@@ -14,7 +14,7 @@ from PIL import Image
 
 from moezoo.cli import main
 from moezoo.layers import MoE, parameter_counts
-from moezoo.monitoring import RoutingMonitor, layer_statistics
+from moezoo.monitoring import RoutingMonitor, layer_statistics, load_heatmap
 from moezoo.routers import TopKRouter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +28,7 @@ def test_layer_statistics_hand_worked():
     assert out["load_cv"] == pytest.approx(6**0.5 / 2)
     assert out["load_max_over_mean"] == pytest.approx(3.0)
     assert out["dropped_fraction"] == 0.25 and out["entropy"] == 0.5 and out["loss/load_balancing"] == 1.5
+    assert [out[f"share/expert_0{e}"] for e in range(4)] == [0.75, 0.25, 0.0, 0.0]
 
 
 def test_router_stats_match_a_hand_computed_routing():
@@ -43,21 +44,24 @@ def test_router_stats_match_a_hand_computed_routing():
     assert out.stats["entropy"].item() == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
 
 
-class _FakeLayer:
-    def __init__(self, counts):
-        self.last_stats = {"tokens_per_expert": torch.tensor(counts)}
-        self.last_losses = {}
-
-
 def test_dead_expert_is_reported_once(caplog):
     monitor = RoutingMonitor(every_n_steps=10, dead_after=3)
-    layers = [("blocks.1.mlp", _FakeLayer([5.0, 0.0, 3.0]))]
     with caplog.at_level(logging.WARNING, logger="moezoo"):
         for step in range(6):
-            monitor._track_dead(layers, step)
+            monitor._track_dead({"blocks.1.mlp": torch.tensor([5.0, 0.0, 3.0])}, step)
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1
     assert "expert 1 of layer blocks.1.mlp received no token for 3 consecutive training steps" in messages[0]
+
+
+def test_heatmap_of_layers_with_different_expert_counts(tmp_path):
+    # e.g. SwitchHead attention (heads x experts = 10) beside a 16-expert MLP.
+    fig = load_heatmap([torch.full((10,), 0.1), torch.full((16,), 1 / 16)], ["attn", "mlp"], "mixed")
+    grid = fig.axes[0].images[0].get_array()
+    assert grid.shape == (2, 16) and grid.mask[0, 10:].all() and not grid.mask[0, :10].any()
+    assert float(grid[1, 15]) == pytest.approx(1 / 16)
+    fig.savefig(tmp_path / "mixed.png")
+    _png_is_a_picture(tmp_path / "mixed.png")
 
 
 def _png_is_a_picture(path: Path) -> None:
@@ -121,3 +125,18 @@ def test_routing_report_shows_per_modality_shares_for_limoe(tmp_path):
     layers = json.loads((out / "report.json").read_text())["layers"]
     shares = layers["blocks.1.mlp"]["modality_share_per_expert"]
     assert set(shares) == {"image", "text"} and abs(sum(shares["text"]) - 1.0) < 1e-5
+
+
+def test_routing_report_on_switchhead_attention_and_sigma_moe(tmp_path):
+    out = tmp_path / "switchhead_report"
+    assert main(["routing-report", "--config", str(ROOT / "configs/text/lm_switchhead_pydoc.yaml"),
+                 "--ckpt", str(ROOT / "moezoo/zoo/weights/lm_switchhead_pydoc.safetensors"),
+                 "--split", "val", "--out", str(out), "--max-batches", "1"]) == 0
+    import json
+
+    layers = json.loads((out / "report.json").read_text())["layers"]
+    # Each SwitchHead layer routes twice (value and output projections): one entry per selector.
+    assert "blocks.0.attn.sel_v" in layers and "blocks.0.attn.sel_o" in layers
+    for entry in layers.values():
+        assert abs(sum(entry["share_per_expert"]) - 1.0) < 1e-5
+    _png_is_a_picture(out / "load_heatmap.png")

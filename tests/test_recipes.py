@@ -112,6 +112,22 @@ def test_esft_trains_only_the_most_used_experts(tmp_path):
     assert after > start["__accuracy__"] + 0.05
 
 
+def test_esft_setup_twice_keeps_one_gradient_mask_per_parameter():
+    from types import SimpleNamespace
+
+    import moezoo
+
+    model = moezoo.create_model("vmoe_ti_digits")
+    batches = [(torch.randn(4, 1, 16, 16), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataloader=lambda: batches))
+    esft = ExpertSpecialisedFineTuning(threshold=0.5, num_batches=2)
+    esft.setup(trainer, SimpleNamespace(model=model), "fit")
+    esft.setup(trainer, SimpleNamespace(model=model), "fit")
+    experts = [p for _, layer in routed_layers(model) for p in layer.experts.parameters()]
+    assert len(esft._frozen) == len(experts)
+    assert all(len(p._backward_hooks) == 1 for p in experts)
+
+
 @needs_weights
 def test_sparse_upcycling_recipe(tmp_path):
     dense_start = get_entry("vit_ti_digits")

@@ -72,17 +72,27 @@ def test_soft_moe_outputs_finite(groups, tokens, dim, experts, slots, seed):
     assert out.shape == (groups, tokens, dim) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", sorted(ROUTERS))
+#: Routers built for their own layers (attention, speech): checked for bad input too.
+LAYER_ROUTERS = {
+    "moa": lambda d, e, k: R.MoARouter(d, e, k=k),
+    "sigma_moe": lambda d, e, k: R.SigmaMoERouter(d, e, k=k),
+    "switchhead": lambda d, e, k: R.SwitchHeadSelector(d, 2, e, k=k),
+    "speech_moe": lambda d, e, k: R.SpeechMoERouter(d - 2, e, embed_dim=2, k=k),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTERS) + sorted(LAYER_ROUTERS))
 def test_routers_reject_bad_input_with_named_errors(name):
-    router = ROUTERS[name](4, 3, 1)
+    router = {**ROUTERS, **LAYER_ROUTERS}[name](4, 3, 1)
+    assert router(torch.randn(3, 4), positions=torch.zeros(3, dtype=torch.long)).expert.numel() > 0  # a valid input routes
     for bad, message in ((torch.randn(5), "shape"), (torch.randn(5, 7), "dim"), (torch.zeros(0, 4), "no tokens")):
         with pytest.raises(ValueError, match=message):
             router(bad, positions=torch.zeros(bad.shape[0] if bad.dim() else 1, dtype=torch.long))
-    if name != "hash":  # hash routing ignores the values
-        with pytest.raises(ValueError, match="not finite"):
-            router(torch.full((3, 4), float("nan")))
-        with pytest.raises(ValueError, match="floating"):
-            router(torch.ones(3, 4, dtype=torch.long))
+    positions = torch.zeros(3, dtype=torch.long)  # what the hash router routes by
+    with pytest.raises(ValueError, match="not finite"):
+        router(torch.full((3, 4), float("nan")), positions=positions)
+    with pytest.raises(ValueError, match="floating"):
+        router(torch.ones(3, 4, dtype=torch.long), positions=positions)
 
 
 def test_nonfinite_steps_are_skipped_when_configured():
@@ -123,6 +133,19 @@ def test_soak_2000_steps_without_memory_growth():
         if step in (200, 1999):
             samples.append(_rss_mb())
     assert samples[1] - samples[0] < 20.0, samples  # MiB; a leak of one step's graph would exceed it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", sorted(ROUTERS) + sorted(LAYER_ROUTERS))
+def test_routing_math_is_fp32_under_autocast(name, dtype):
+    router = {**ROUTERS, **LAYER_ROUTERS}[name](8, 4, 2 if name != "speech_moe" else 1)
+    x = torch.randn(16, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        assert torch.nn.Linear(8, 8)(x).dtype == dtype  # autocast is on
+        routing = router(x, positions=torch.arange(16))
+    assert routing.weight.dtype == torch.float32
+    assert routing.logits is None or routing.logits.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in routing.losses.values())
 
 
 def test_router_stays_fp32_under_bf16_and_z_loss_bounds_logits():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,41 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path):
     fresh = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
     load_checkpoint(fresh, tmp_path / "ckpt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
+def test_a_failed_save_leaves_the_old_checkpoint_intact(tmp_path, monkeypatch):
+    import moezoo.zoo.checkpoint as ckpt
+
+    old = nn.Linear(4, 3)
+    path = save_checkpoint(old, tmp_path / "w.safetensors")
+    before = path.read_bytes()
+
+    def fail_midway(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")  # the write starts, then the disk fills
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", fail_midway)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(nn.Linear(4, 3), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_url_sources_are_cached_per_url(tmp_path, monkeypatch):
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    fetched = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):
+        fetched.append(url)
+        save_checkpoint(nn.Linear(2, 2), dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    a = PretrainedCfg(source="url:https://example.org/a/model.safetensors").resolve()
+    b = PretrainedCfg(source="url:https://example.org/b/model.safetensors").resolve()
+    assert a != b and a.name == b.name == "model.safetensors" and a.exists() and b.exists()
+    PretrainedCfg(source="url:https://example.org/a/model.safetensors").resolve()  # cached: no second fetch
+    assert fetched == ["https://example.org/a/model.safetensors", "https://example.org/b/model.safetensors"]
 
 
 def _unchanged(model, before):
@@ -108,6 +144,16 @@ def test_card_is_generated_from_the_recorded_results(name):
     assert results["weights"]["sha256"] == entry.pretrained_cfg.sha256
 
 
+@pytest.mark.parametrize("name", sorted(set(list_models()) - set(SHIPPED)))
+def test_every_other_entry_has_a_card_that_says_it_is_not_measured(name):
+    from moezoo.zoo.cards import results_path
+
+    assert not results_path(name).exists()  # else the card would have to show its figures
+    text = card_path(name).read_text()
+    assert text == render_card(get_entry(name), None, [])
+    assert "Not measured" in text and f"# {name}" in text
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_weights_reproduce_the_card_figures(name):
     entry = get_entry(name)
@@ -132,6 +178,15 @@ def test_export_round_trip_and_cli(tmp_path, capsys):
     assert torch.equal(model(x), again(x))
     with pytest.raises(FileExistsError):
         export_model(model, target)
+    # An export that fails midway leaves no target and no debris, and a retry succeeds.
+    import moezoo.zoo.registry as registry
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "CONFIG_NAME", "no/such/dir/config.json")
+        with pytest.raises(OSError):
+            export_model(model, tmp_path / "retry")
+    assert not (tmp_path / "retry").exists() and not (tmp_path / ".retry.partial").exists()
+    assert (export_model(model, tmp_path / "retry") / "model.safetensors").exists()
     with pytest.raises(ValueError, match="holds 'vmoe_ti_digits'"):
         moezoo.create_model("vit_ti_digits", checkpoint_path=target)
 

@@ -107,14 +107,13 @@ class MoE(RoutedLayer):
             token_ids: (x.shape[:-1]) ints for routers that hash token ids.
             router_input: (x.shape[:-1], router dim) features the router sees instead of ``x``.
         """
-        if x.dim() < 1 or x.shape[-1] != self.dim:
-            raise ValueError(f"MoE: x must have shape (..., dim={self.dim}), got shape {tuple(x.shape)}")
+        if x.dim() < 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"MoE: x must have shape (..., tokens, dim={self.dim}), got shape {tuple(x.shape)}")
         flat = x.reshape(-1, self.dim)
         if flat.shape[0] == 0:
             self.record({}, {})
             return x.clone()
-        seq = x.shape[-2] if x.dim() >= 2 else 1
-        positions = torch.arange(seq, device=x.device).expand(x.shape[:-1]).reshape(-1)
+        positions = torch.arange(x.shape[-2], device=x.device).expand(x.shape[:-1]).reshape(-1)
         ids = None if token_ids is None else token_ids.reshape(-1)
         if router_input is None:
             route_on = flat

@@ -55,6 +55,11 @@ class HashRouter(nn.Module):
             raise ValueError(f"HashRouter: x must have shape (tokens, dim={self.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"HashRouter: x has no tokens (shape {tuple(x.shape)}); route at least one token")
+        if not x.is_floating_point():
+            raise ValueError(f"HashRouter: x must be a floating tensor, got dtype {x.dtype}")
+        # The choice ignores x, but NaN/inf would poison the experts: refuse it as the other routers do.
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("HashRouter: x is not finite (NaN or inf in the input)")
         ids = token_ids if self.key == "token" else positions
         if ids is None:
             raise ValueError(

@@ -40,17 +40,17 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render_card(entry: ModelEntry, results: dict[str, Any], studies: list[dict[str, Any]]) -> str:
+def render_card(entry: ModelEntry, results: dict[str, Any] | None, studies: list[dict[str, Any]]) -> str:
     """The Markdown card: YAML metadata (license, tags, datasets, model-index metrics) and body.
 
     Parameter counts are computed from the entry's architecture (they are not measurements); every
-    other figure comes from the recorded results.
+    other figure comes from the recorded results. An entry without recorded results (a paper-size
+    architecture, or public weights not evaluated here) gets a card that says so.
     """
-    from moezoo.layers.routed import parameter_counts
-
+    if results is None:
+        return _architecture_card(entry)
     info = entry.card
     metrics = results["metrics"]
-    counts = parameter_counts(entry.builder(**entry.default_args))
     lines = [
         "---",
         f"license: {info.get('license', 'apache-2.0')}",
@@ -74,17 +74,10 @@ def render_card(entry: ModelEntry, results: dict[str, Any], studies: list[dict[s
         lines += [f"    - type: {key}", f"      value: {_fmt(metrics[key])}"]
     lines += [
         "---",
-        "",
-        f"# {entry.name}",
-        "",
-        entry.description + ".",
-        "",
-        "## Architecture and routing",
-        "",
+        *_heading(entry),
         info.get("architecture", ""),
         "",
-        f"Parameters: {counts['total']:,} in total, {counts['active']:,} active "
-        "per token.",
+        _parameters(entry),
         "",
         "## Training",
         "",
@@ -120,8 +113,75 @@ def render_card(entry: ModelEntry, results: dict[str, Any], studies: list[dict[s
     return "\n".join(lines)
 
 
+def _yaml_value(value: Any) -> str:
+    try:
+        return json.dumps(value)  # JSON scalars and lists are YAML
+    except TypeError:
+        return repr(value)
+
+
+def _heading(entry: ModelEntry) -> list[str]:
+    return ["", f"# {entry.name}", "", entry.description + ".", "", "## Architecture and routing", ""]
+
+
+def _parameters(entry: ModelEntry) -> str:
+    import torch
+
+    from moezoo.layers.routed import parameter_counts
+
+    with torch.device("meta"):  # shapes only: a 450M-parameter entry costs nothing to count
+        counts = parameter_counts(entry.builder(**entry.default_args))
+    return f"Parameters: {counts['total']:,} in total, {counts['active']:,} active per token."
+
+
+def _architecture_card(entry: ModelEntry) -> str:
+    info, cfg = entry.card, entry.pretrained_cfg
+    if cfg is None:
+        weights = "None ship with moezoo: `create_model` builds it with random initialisation."
+    else:
+        weights = f"`{cfg.source}` (public weights; `create_model(\"{entry.name}\", pretrained=True)` fetches them)."
+    args = "\n".join(f"{k}: {_yaml_value(v)}" for k, v in sorted(entry.default_args.items()))
+    lines = [
+        "---",
+        # moezoo's code is Apache-2.0; public weights carry their publisher's licence.
+        f"license: {info.get('license', 'apache-2.0' if cfg is None else 'other')}",
+        "library_name: moezoo",
+        "tags:",
+        *[f"- {t}" for t in info.get("tags", ["moezoo", "mixture-of-experts", entry.modality])],
+        "---",
+        *_heading(entry),
+        *([info["architecture"], ""] if info.get("architecture") else []),
+        f"Built by `{entry.builder.__module__}.{entry.builder.__qualname__}` with:",
+        "",
+        "```yaml",
+        args,
+        "```",
+        "",
+        _parameters(entry),
+        "",
+        "## Weights",
+        "",
+        weights,
+        "",
+        "## Results",
+        "",
+        "Not measured: moezoo has recorded no evaluation of this entry.",
+        "",
+        "## Limitations",
+        "",
+        info.get("limitations", "Not evaluated in this repository."),
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_card(entry: ModelEntry, root: Path = REPO_ROOT) -> Path:
-    """Render ``model_cards/<entry>.md`` from the recorded results."""
+    """Render ``model_cards/<entry>.md`` from the recorded results (if any)."""
+    if not results_path(entry.name, root).is_file():
+        path = card_path(entry.name, root)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_architecture_card(entry))
+        return path
     results, studies = load_results(entry.name, root)
     path = card_path(entry.name, root)
     path.parent.mkdir(parents=True, exist_ok=True)

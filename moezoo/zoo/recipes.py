@@ -159,6 +159,7 @@ class ExpertSpecialisedFineTuning(Callback):
         self.threshold, self.num_batches = threshold, num_batches
         self.selected: dict[str, list[int]] = {}
         self._frozen: list[tuple[Tensor, Tensor, Tensor]] = []  # (parameter, keep mask, saved values)
+        self._hooks: list = []
 
     @torch.no_grad()
     def _shares(self, model: nn.Module, batches: Sequence) -> dict[str, Tensor]:
@@ -181,6 +182,10 @@ class ExpertSpecialisedFineTuning(Callback):
         loader = trainer.datamodule.train_dataloader()
         batches = [b for _, b in zip(range(self.num_batches), loader)]
         shares = self._shares(model, batches)
+        # A second fit selects afresh: the previous fit's gradient masks and saved values go.
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._frozen, self.selected = [], [], {}
         for p in model.parameters():
             p.requires_grad_(False)
         for name, layer in routed_layers(model):
@@ -195,7 +200,7 @@ class ExpertSpecialisedFineTuning(Callback):
                 for p in experts.parameters():
                     p.requires_grad_(True)
                     mask = keep.view(-1, *([1] * (p.dim() - 1))).to(p.device)
-                    p.register_hook(lambda g, m=mask: g * m.to(g.dtype))
+                    self._hooks.append(p.register_hook(lambda g, m=mask: g * m.to(g.dtype)))
                     self._frozen.append((p, mask, p.detach().clone()))
 
     @torch.no_grad()

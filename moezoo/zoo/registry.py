@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -81,7 +83,9 @@ class PretrainedCfg:
             return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"]))
         from torch.hub import download_url_to_file, get_dir
 
-        target = Path(get_dir()) / "moezoo" / Path(rest).name
+        # Keyed by the whole URL: two entries whose files share a name must not share a cache file.
+        url_key = hashlib.sha256(rest.encode()).hexdigest()[:16]
+        target = Path(get_dir()) / "moezoo" / url_key / Path(rest).name
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             download_url_to_file(rest, str(target), hash_prefix=self.sha256, progress=True)
@@ -252,13 +256,19 @@ def export_model(model: nn.Module, directory: str | os.PathLike, *, card: str | 
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"export_model: {target} exists and is not empty")
     staging = target.parent / f".{target.name}.partial"
-    staging.mkdir(parents=True, exist_ok=False)
-    save_checkpoint(model, staging / "model.safetensors", metadata={"entry": name})
-    (staging / CONFIG_NAME).write_text(config_text + "\n")
-    (staging / "README.md").write_text(card if card is not None else f"# {name}\n")
-    if target.exists():
-        target.rmdir()
-    os.replace(staging, target)
+    # What an interrupted export left behind is ours to replace; the target itself is untouched.
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        save_checkpoint(model, staging / "model.safetensors", metadata={"entry": name})
+        (staging / CONFIG_NAME).write_text(config_text + "\n")
+        (staging / "README.md").write_text(card if card is not None else f"# {name}\n")
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return target
 
 

@@ -128,3 +128,13 @@ def test_two_process_fit_under_lightning_strategies(tmp_path, strategy, config):
                      *STRATEGIES[strategy], "--trainer.enable_checkpointing", "false", *TASK_CONFIGS[config])
     assert result.returncode == 0, result.stderr[-4000:]
     assert "`Trainer.fit` stopped: `max_steps=3` reached" in result.stderr + result.stdout
+
+
+def test_expert_parallel_refuses_gradient_clipping():
+    from types import SimpleNamespace
+
+    from moezoo.distributed import ExpertParallel
+
+    trainer = SimpleNamespace(gradient_clip_val=1.0, world_size=2)
+    with pytest.raises(ValueError, match=r"does not support gradient clipping yet \(trainer.gradient_clip_val=1.0\)"):
+        ExpertParallel(size=2).setup(trainer, torch.nn.Linear(2, 2), "fit")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from moezoo.cli import main
 from moezoo.layers import MultimodalMoE, aux_loss
 from moezoo.modalities.language_image import (
+    ContrastiveImageText,
     ImageTextDataModule,
     LIMoE,
     build_tokenizer,
@@ -113,6 +114,30 @@ def test_retrieval_recall_hand_worked():
     assert r["i2t_recall@1"] == pytest.approx(1 / 3) and r["t2i_recall@1"] == pytest.approx(1 / 3)
     # images 1 and 2 each see one wrong text scoring higher than their partner: rank 1, inside top 2
     assert r["i2t_recall@2"] == pytest.approx(1.0)
+
+
+def test_retrieval_under_ddp_ranks_over_the_gathered_pool(monkeypatch):
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    labels = torch.full((8,), -1)
+    task = ContrastiveImageText(torch.nn.Linear(1, 1))
+    task._trainer = SimpleNamespace(world_size=2, datamodule=None)
+    # This rank holds pairs 0..3; the other rank's 4..7 arrive through all_gather.
+    task._outputs = [(image[:4], text[:4], labels[:4])]
+    shards = ((image[:4], image[4:]), (text[:4], text[4:]), (labels[:4], labels[4:]))
+
+    def all_gather(local):  # (world, ...) as Lightning's all_gather returns it
+        return torch.stack([local, next(o for mine, o in shards if mine.shape == local.shape and torch.equal(mine, local))])
+
+    monkeypatch.setattr(task, "all_gather", all_gather)
+    logged = {}
+    monkeypatch.setattr(task, "log", lambda key, value, **kw: logged.__setitem__(key, value))
+    task._eval_epoch_end("val")
+    expected = retrieval_recall(image, text)
+    assert logged == {f"val/{k}": v for k, v in expected.items()}
+    assert expected != retrieval_recall(image[:4], text[:4])  # the shard alone would differ
 
 
 def test_tokenizer_round_trip(tmp_path):

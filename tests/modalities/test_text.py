@@ -96,6 +96,15 @@ def test_lm_kinds_are_causal_and_count_attention_maps(attention, mlp, attention_
     assert len(routed_layers(model)) == (0 if mlp == "dense" else 2) + (0 if attention == "dense" else 2)
 
 
+@pytest.mark.parametrize("attention, mlp", [("moa", "moe"), ("switchhead", "sigma_moe")])
+def test_aux_loss_weights_reach_every_routed_layer(attention, mlp):
+    weights = {"entropy_reg": 0.5, "load_balancing": 0.2}
+    model = TransformerLM(**SMALL, attention=attention, mlp=mlp, num_heads=2, head_dim=8, attention_experts=4,
+                          attention_k=2, mlp_hidden=16, mlp_experts=4, mlp_k=2, aux_loss_weights=weights)
+    layers = routed_layers(model)
+    assert len(layers) == 4 and all(layer.aux_loss_weights == weights for _, layer in layers)
+
+
 def test_routed_attention_layers_add_their_losses():
     model = TransformerLM(**SMALL, attention="moa", attention_experts=4, attention_k=2, head_dim=8).train()
     loss, tokens = lm_loss(model, torch.randint(0, 256, (2, 17)))

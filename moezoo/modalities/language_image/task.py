@@ -47,12 +47,17 @@ class ContrastiveImageText(MoETask):
             return
         image, text, labels = (torch.cat(t) for t in zip(*self._outputs))
         self._outputs.clear()
+        if self.trainer.world_size > 1:
+            # Recall is over the whole pool of candidates, not each rank's shard (a smaller pool
+            # inflates it). Lightning's distributed sampler gives every rank the same count.
+            image, text, labels = (self.all_gather(t).flatten(0, 1) for t in (image, text, labels))
         metrics = retrieval_recall(image, text)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "tokenize") and (labels >= 0).all():
             metrics["zero_shot_accuracy"] = zero_shot_accuracy(self.model, datamodule, image, labels)
         for key, value in metrics.items():
-            self.log(f"{stage}/{key}", value, prog_bar=key in ("zero_shot_accuracy", "i2t_recall@1"), sync_dist=True)
+            # Every rank computed the same value from the gathered pool.
+            self.log(f"{stage}/{key}", value, prog_bar=key in ("zero_shot_accuracy", "i2t_recall@1"))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch)

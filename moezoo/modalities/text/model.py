@@ -26,18 +26,19 @@ MLPS = ("dense", "moe", "sigma_moe")
 
 
 def sigma_moe(dim: int, expert_size: int, num_experts: int, k: int, *, expert_dropout: float = 0.0,
-              entropy_weight: float = 1e-3, backend: str = "auto") -> MoE:
+              entropy_weight: float = 1e-3, backend: str = "auto",
+              aux_loss_weights: Mapping[str, float] | None = None) -> MoE:
     """The σ-MoE MLP (Csordás et al. 2023) as an :class:`~moezoo.layers.MoE` configuration.
 
     E ReLU experts of width ``expert_size`` without biases, selected by
     :class:`~moezoo.routers.sigma_moe.SigmaMoERouter` (sigmoid scores, top-k, no renormalisation,
     expert dropout), weighted by the scores; the entropy regulariser weighted by ``entropy_weight``
-    (paper γ: 1e-3 on WikiText-103). Initialisation as the reference: ``W_in ~ N(0, 1/dim)``,
+    (paper γ: 1e-3 on WikiText-103), unless ``aux_loss_weights`` replaces the coefficients. Initialisation as the reference: ``W_in ~ N(0, 1/dim)``,
     ``W_out ~ N(0, 1/(E * expert_size))`` (``init_norm_mode="full"``), selector rows renormalised.
     """
     router = SigmaMoERouter(dim, num_experts, k, expert_dropout=expert_dropout)
     layer = MoE(dim, expert_size, num_experts, router, activation="relu", bias=False, backend=backend,
-                aux_loss_weights={"entropy_reg": entropy_weight})
+                aux_loss_weights=aux_loss_weights if aux_loss_weights is not None else {"entropy_reg": entropy_weight})
     with torch.no_grad():
         layer.experts.w_in.normal_(0.0, dim ** -0.5)
         layer.experts.w_out.normal_(0.0, (num_experts * expert_size) ** -0.5)
@@ -195,7 +196,7 @@ class TransformerLM(nn.Module):
                           aux_loss_weights=aux_loss_weights or {"load_balancing": 0.01})
             else:
                 ffn = sigma_moe(dim, mlp_hidden, mlp_experts, mlp_k, expert_dropout=mlp_expert_dropout,
-                                entropy_weight=sigma_moe_entropy, backend=backend)
+                                entropy_weight=sigma_moe_entropy, backend=backend, aux_loss_weights=aux_loss_weights)
             self.blocks.append(Block(dim, attn, ffn, dropout))
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
