@@ -23,9 +23,16 @@ def test_two_step_fit_through_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_config_parses(config, capsys):
+def test_every_config_parses_under_moezoo_and_a_plain_lightning_cli(config, capsys):
+    from lightning.pytorch.cli import LightningCLI
+
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        LightningCLI(subclass_mode_model=True, subclass_mode_data=True,
+                     args=["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
 

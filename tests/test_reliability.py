@@ -215,9 +215,9 @@ trainer:
 """
 
 
-def test_killed_fit_resumes_to_the_same_weights(tmp_path):
+def test_killed_fit_resumes_to_the_same_weights_and_metrics(tmp_path):
     """Kill `moezoo fit` mid-epoch (19 batches per epoch), resume from its last checkpoint, and end
-    where an uninterrupted run ends: same weights, bit for bit."""
+    where an uninterrupted run ends: same weights (bit for bit), optimiser state, schedule and metrics."""
     configs = {}
     for name in ("straight", "killed"):
         (tmp_path / name).mkdir()
@@ -249,6 +249,22 @@ def test_killed_fit_resumes_to_the_same_weights(tmp_path):
     b = read_state_dict(tmp_path / "killed" / "step=25.ckpt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    # The optimiser moments and the learning-rate schedule went on as if nothing had happened ...
+    ca, cb = (torch.load(tmp_path / run / "step=25.ckpt", map_location="cpu", weights_only=True)
+              for run in ("straight", "killed"))
+    assert ca["lr_schedulers"] == cb["lr_schedulers"]
+    moments_a, moments_b = (c["optimizer_states"][0]["state"] for c in (ca, cb))
+    assert moments_a.keys() == moments_b.keys() and all(
+        torch.equal(moments_a[i][name], moments_b[i][name]) for i in moments_a for name in moments_a[i])
+    # ... and the final model scores the same.
+    from moezoo.modalities.vision.evaluate import evaluate_digits
+
+    models = []
+    for state in (a, b):
+        model = __import__("moezoo").create_model("vmoe_ti_digits")
+        model.load_state_dict(state)
+        models.append(model)
+    assert evaluate_digits(models[0]) == evaluate_digits(models[1])
 
 
 def test_config_naming_an_unknown_class_fails_before_anything_is_written(tmp_path, capsys):

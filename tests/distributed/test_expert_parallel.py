@@ -34,7 +34,7 @@ def make_router(case: str, dim: int, experts: int):
     return ExpertChoiceRouter(dim, experts, capacity_factor=2.0)
 
 
-def _worker(rank: int, world: int, port: int, case: str) -> None:
+def _worker(rank: int, world: int, port: int, case: str, size: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -56,7 +56,7 @@ def _worker(rank: int, world: int, port: int, case: str) -> None:
         x_grad_expected = x.grad.clone()
         x.grad = None
 
-        groups = init_expert_parallel(world)
+        groups = init_expert_parallel(size)  # world = (world // size) replicas x size expert shards
         shard_experts(layer, groups)
         out = layer(x)
         out.backward(grad_out[rank])
@@ -64,18 +64,29 @@ def _worker(rank: int, world: int, port: int, case: str) -> None:
         torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(x.grad, x_grad_expected, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(layer.router.gate.weight.grad, single.router.gate.weight.grad)
-        local = experts // world
+        local, shard = experts // size, rank % size
         for name, p in layer.experts.named_parameters():
             full = getattr(single.experts, name).grad.clone()
-            dist.all_reduce(full)  # the experts see every rank's tokens
-            torch.testing.assert_close(p.grad, full[rank * local : (rank + 1) * local], atol=1e-6, rtol=1e-5)
+            in_group = full.clone()
+            dist.all_reduce(in_group, group=groups.group)  # the experts see their group's tokens
+            mine = slice(shard * local, (shard + 1) * local)
+            torch.testing.assert_close(p.grad, in_group[mine], atol=1e-6, rtol=1e-5)
+            if groups.replicas is not None:  # what ExpertParallel does before the optimiser step
+                dist.all_reduce(p.grad, group=groups.replicas)
+            dist.all_reduce(full)  # every rank's tokens
+            torch.testing.assert_close(p.grad, full[mine], atol=1e-6, rtol=1e-5)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", ["top2", "top2_capacity", "expert_choice"])
 def test_expert_parallel_equals_single_process(case):
-    mp.spawn(_worker, args=(2, free_port(), case), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), case, 2), nprocs=2, join=True)
+
+
+def test_expert_parallel_composes_with_data_parallel_replicas():
+    # 4 ranks: 2 replicas x 2 expert shards; gradients reduced over the replicas equal the single layer's.
+    mp.spawn(_worker, args=(4, free_port(), "top2", 2), nprocs=4, join=True)
 
 
 FIT = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",

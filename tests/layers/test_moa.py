@@ -156,3 +156,20 @@ def test_bad_arguments_are_clear_errors():
     layer = MixtureOfAttentionHeads(8, num_experts=3, k=2, head_dim=4)
     F.mse_loss(layer(torch.randn(2, 4, 8), causal=True), torch.zeros(2, 4, 8)).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+
+
+def test_every_expert_selected_is_multi_query_attention_with_router_weights():
+    # MoA's experts share one key and one value projection (as in the paper); with k = E every
+    # head is used, weighted by the router's softmax (uniform for the zero-initialised gate).
+    torch.manual_seed(3)
+    dim, heads, head_dim = 12, 3, 4
+    layer = MixtureOfAttentionHeads(dim, num_experts=heads, k=heads, head_dim=head_dim).eval()
+    x = torch.randn(2, 5, dim)
+    k, v = layer.k_proj(x), layer.v_proj(x)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    expected = 0
+    for i in range(heads):
+        scores = (x @ layer.w_q[i]) @ k.transpose(1, 2) / head_dim**0.5
+        attn = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v
+        expected = expected + attn @ layer.w_o[i] / heads
+    torch.testing.assert_close(layer(x, causal=True), expected, atol=1e-5, rtol=1e-5)

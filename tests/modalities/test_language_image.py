@@ -154,6 +154,29 @@ def test_tokenizer_round_trip(tmp_path):
     assert reloaded.tokenize([text])[0].tolist() == dm.tokenize([text])[0].tolist()
 
 
+def test_csv_and_jsonl_image_caption_pairs(tmp_path):
+    import json
+
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    for i, shade in enumerate((0, 255)):
+        Image.new("RGB", (10, 10), (shade,) * 3).save(tmp_path / "img" / f"{i}.png")
+    (tmp_path / "train.csv").write_text("image,caption\nimg/0.png,a black square\nimg/1.png,a white square\n")
+    for split in ("val", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(
+            "\n".join(json.dumps({"image": f"img/{i}.png", "caption": c}) for i, c in ((1, "a white square"),)) + "\n")
+    dm = ImageTextDataModule(dataset="pairs", root=str(tmp_path), image_size=8, channels=3, batch_size=2)
+    dm.setup()
+    train = dm.splits["train"]
+    assert train.captions == ["a black square", "a white square"] and len(dm.splits["val"]) == 1
+    # pixels scaled to [-1, 1]: black -1, white 1
+    assert train.images.shape == (2, 3, 8, 8) and train.images[0].max() == -1 and train.images[1].min() == 1
+    assert dm.tokenize(["a white square"])[0][:3].tolist() != dm.tokenize(["a black square"])[0][:3].tolist()
+    with pytest.raises(FileNotFoundError, match="no train.csv or train.jsonl"):
+        ImageTextDataModule(dataset="pairs", root=str(tmp_path / "img")).setup()
+
+
 def test_glyph_splits_hold_out_fonts():
     dm = ImageTextDataModule()
     dm.setup()
@@ -170,3 +193,10 @@ def test_two_step_fit_through_the_cli(tmp_path):
           "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0", "--trainer.check_val_every_n_epoch",
           "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
           "--trainer.default_root_dir", str(tmp_path)])
+    # The run keeps its tokenizer beside its outputs, and it encodes as the built-in one does.
+    saved = ImageTextDataModule(tokenizer=str(tmp_path / "tokenizer"))
+    saved.setup()
+    fresh = ImageTextDataModule()
+    fresh.setup()
+    text = "the lowercase letter q in dejavu serif bold"
+    assert saved.tokenize([text])[0].tolist() == fresh.tokenize([text])[0].tolist()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -160,3 +161,44 @@ def test_digits_datamodule_splits():
     assert images.min() >= -1.0 and images.max() <= 1.0
     with pytest.raises(ValueError, match="needs root"):
         ImageDataModule("folder")
+
+
+def test_image_folders_load_with_timm_transforms(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 2)):
+        for label, colour in (("black", 0), ("white", 255)):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (12, 12), (colour,) * 3).save(folder / f"{i}.png")
+    dm = ImageDataModule("folder", root=str(tmp_path), image_size=16, batch_size=4, augment=True)
+    assert dm.num_classes == 2 and dm.splits["train"].classes == ["black", "white"]
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (4, 3, 16, 16) and set(labels.tolist()) <= {0, 1}
+    images, labels = next(iter(dm.val_dataloader()))  # evaluation: resize and centre crop, no augmentation
+    # Pixels scaled to [-1, 1] with mean = std = 0.5: black -> -1, white -> 1 (V-MoE's convention).
+    expected = torch.where(labels == 0, -1.0, 1.0).view(-1, 1, 1, 1).expand_as(images)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+    assert len(dm.splits["test"]) == 4  # no test folder: the validation images
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        ImageDataModule("torchvision:MNIST", root=str(tmp_path / "nothing")).setup()
+
+
+def test_mixup_trains_on_soft_targets():
+    from moezoo.modalities.vision import ImageClassification
+
+    torch.manual_seed(0)
+    model = VisionTransformerMoE(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=2,
+                                 num_heads=2, num_experts=2)
+    task = ImageClassification(model, mixup_alpha=0.2)
+    images, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
+    # timm's Mixup draws its mixing weight from numpy and mixes the batch in place.
+    torch.manual_seed(1), np.random.seed(0)
+    loss = task._shared_step((images.clone(), labels), "train")
+    # The same draw by hand: the batch mixed with its flip, the one-hot targets likewise.
+    torch.manual_seed(1), np.random.seed(0)
+    mixed, soft = task.mixup(images.clone(), labels)
+    expected = torch.sum(-soft * F.log_softmax(model(mixed), dim=-1), dim=-1).mean()
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(soft.max(dim=-1).values, torch.ones(4))  # targets really are soft

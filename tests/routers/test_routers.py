@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from jsonargparse import ArgumentParser
 
 from moezoo import routers as R
@@ -72,6 +73,32 @@ def test_top_k_jitter_and_noise_only_in_training():
     r.train()
     out = r(x)
     assert {"load", "importance", "load_balancing", "z_loss"} <= set(out.losses)
+
+
+def test_top_k_jitter_multiplies_the_input_by_uniform_noise_in_training():
+    x = torch.randn(16, 4)
+    r = identity_router(R.TopKRouter, 4, k=4, jitter=0.5).train()
+    torch.manual_seed(7)
+    out = r(x)
+    torch.manual_seed(7)
+    jittered = x * torch.empty_like(x).uniform_(0.5, 1.5)  # Switch: x * U(1 - eps, 1 + eps)
+    torch.testing.assert_close(out.dense_weights(), torch.softmax(jittered, -1))
+    assert not torch.allclose(out.dense_weights(), torch.softmax(x, -1), atol=1e-3)
+    torch.testing.assert_close(r.eval()(x).dense_weights(), torch.softmax(x, -1))
+
+
+def test_top_k_noisy_gating_adds_learned_gaussian_noise_in_training():
+    x = torch.randn(16, 4)
+    r = identity_router(R.TopKRouter, 4, k=4, noisy=True).train()
+    with torch.no_grad():
+        r.noise.weight.copy_(torch.randn(4, 4))
+    torch.manual_seed(3)
+    out = r(x)
+    torch.manual_seed(3)
+    # Shazeer et al. 2017: H(x) = x W_g + N(0, 1) * softplus(x W_noise) (+ 1e-2 for stability).
+    noisy = x + torch.randn(16, 4) * (F.softplus(x @ r.noise.weight.t()) + 1e-2)
+    torch.testing.assert_close(out.dense_weights(), torch.softmax(noisy, -1))
+    assert not torch.allclose(out.dense_weights(), torch.softmax(x, -1), atol=1e-3)
 
 
 def test_top_k_gshard_random_second_keeps_with_probability_2w2():
@@ -272,3 +299,22 @@ def test_routers_build_from_yaml_class_path():
     )
     router = parser.instantiate(cfg).router
     assert isinstance(router, R.TopKRouter) and router.k == 1 and router.num_experts == 4
+
+
+def test_a_models_router_is_chosen_in_yaml():
+    # The layer supplies dim and num_experts; the YAML names the router and its other settings.
+    from moezoo.modalities.vision import VisionTransformerMoE
+
+    parser = ArgumentParser()
+    parser.add_argument("--model", type=VisionTransformerMoE)
+    cfg = parser.parse_string(
+        "model:\n  class_path: moezoo.modalities.vision.VisionTransformerMoE\n  init_args:\n"
+        "    img_size: 16\n    patch_size: 4\n    in_chans: 1\n    num_classes: 10\n    embed_dim: 16\n"
+        "    depth: 2\n    num_heads: 2\n    num_experts: 4\n    moe_blocks: every_2\n"
+        "    router:\n      class_path: moezoo.routers.ExpertChoiceRouter\n"
+        "      init_args:\n        capacity_factor: 0.5\n"
+    )
+    model = parser.instantiate(cfg).model
+    routers = [layer.router for layer in model.moe_layers()]
+    assert routers and all(isinstance(r, R.ExpertChoiceRouter) and r.num_experts == 4 and r.dim == 16 for r in routers)
+    assert routers[0].capacity_factor == 0.5

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +18,8 @@ class ContrastiveImageText(MoETask):
     """Contrastive image-text training (CLIP's symmetric loss with the model's learned temperature).
 
     Validation and test log zero-shot classification accuracy (class prompts from the data module)
-    and image-to-text / text-to-image recall@1 and @5 over the whole split.
+    and image-to-text / text-to-image recall@1 and @5 over the whole split. ``fit`` saves the data
+    module's tokenizer to ``<log dir>/tokenizer``.
 
     Args:
         model: e.g. :class:`~moezoo.modalities.language_image.LIMoE` (``forward(images, text, mask)``
@@ -27,6 +30,15 @@ class ContrastiveImageText(MoETask):
     def __init__(self, model: nn.Module, **kwargs) -> None:
         super().__init__(model, **kwargs)
         self._outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def on_fit_start(self) -> None:
+        # The token ids the model learns mean nothing without the tokenizer: keep it beside the
+        # run's checkpoints (``<log dir>/tokenizer``; load it with ImageTextDataModule(tokenizer=...)).
+        super().on_fit_start()
+        directory = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "tokenizer"  # every rank asks
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.trainer.is_global_zero and datamodule is not None and hasattr(datamodule, "save_tokenizer"):
+            datamodule.save_tokenizer(directory)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, ids, mask, _ = batch
