@@ -7,6 +7,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from torch import Tensor
 
 from moezoo.layers.expert_parallel import ExpertParallelGroups, init_expert_parallel, shard_experts
 
@@ -21,7 +22,9 @@ class ExpertParallel(Callback):
     process group exists, before DDP wraps the model) it creates the groups, keeps each rank's expert
     shard, and tells DDP not to average the sharded parameters; before every optimiser step it sums
     their gradients over the ranks that hold the same shard and divides by the world size, which is
-    what DDP does for the replicated parameters. Checkpoints hold the full experts (gathered), so
+    what DDP does for the replicated parameters. Gradient clipping by norm uses the whole model's
+    norm (:meth:`clip_grad_norm`, called by :class:`~moezoo.task.MoETask`). Checkpoints hold the full
+    experts (gathered), so
     they load into a single-process model; resuming an expert-parallel run from one is not supported.
 
     Args:
@@ -38,13 +41,6 @@ class ExpertParallel(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.groups is not None or self.size == 1:
             return
-        if trainer.gradient_clip_val:
-            # Lightning clips by each rank's own gradient norm, which here covers only that rank's
-            # experts: ranks would scale the shared weights differently and drift apart.
-            raise ValueError(
-                f"ExpertParallel(size={self.size}) does not support gradient clipping yet "
-                f"(trainer.gradient_clip_val={trainer.gradient_clip_val}): set it to null"
-            )
         if not dist.is_initialized() or trainer.world_size % self.size:
             raise ValueError(
                 f"ExpertParallel(size={self.size}) needs a distributed strategy whose world size "
@@ -54,6 +50,36 @@ class ExpertParallel(Callback):
         self.sharded = shard_experts(pl_module, self.groups)
         ignored = set(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", []))
         pl_module._ddp_params_and_buffers_to_ignore = sorted(ignored | set(self.sharded))
+
+    @torch.no_grad()
+    def clip_grad_norm(self, pl_module: L.LightningModule, max_norm: float) -> Tensor:
+        """Scale every gradient so the whole model's gradient norm is at most ``max_norm``, as
+        ``torch.nn.utils.clip_grad_norm_`` on a single process; returns the norm before clipping.
+
+        Lightning's own clipping would use each rank's local norm, which counts only that rank's
+        expert shard: ranks would scale the replicated weights differently and drift apart. The
+        replicated gradients are equal on every rank (DDP averaged them); the shards of one
+        expert-parallel group together make up the experts, so their squared norms are summed over
+        the group.
+        """
+        sharded = {id(p) for p in self._sharded_parameters(pl_module)}
+        grads = [(p.grad, id(p) in sharded) for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        device = grads[0][0].device
+        replicated = torch.zeros((), device=device, dtype=torch.float32)
+        shard = torch.zeros((), device=device, dtype=torch.float32)
+        for g, is_shard in grads:
+            if is_shard:
+                shard += g.float().pow(2).sum()
+            else:
+                replicated += g.float().pow(2).sum()
+        dist.all_reduce(shard, group=self.groups.group)
+        total = (replicated + shard).sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g, _ in grads:
+            g.mul_(coef.to(g.dtype))
+        return total
 
     def _sharded_parameters(self, pl_module: L.LightningModule):
         params = dict(pl_module.named_parameters())

@@ -121,6 +121,16 @@ class MoETask(L.LightningModule):
             return None
         return total
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        from moezoo.distributed import ExpertParallel
+
+        sharding = next((c for c in self.trainer.callbacks if isinstance(c, ExpertParallel) and c.groups), None)
+        if sharding is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            # Expert-parallel ranks hold different experts: clip by the whole model's norm.
+            sharding.clip_grad_norm(self, float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_callbacks(self):
         """A :class:`~moezoo.monitoring.RoutingMonitor` and a :class:`~moezoo.resume.RNGStateCheckpoint`
         (exact resumption), unless the trainer already has them."""

@@ -103,7 +103,9 @@ def run_fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_two_process_fit_with_expert_parallelism(tmp_path):
-    result = run_fit(tmp_path, "--config", str(ROOT / "configs/vision/vmoe_ti_digits_expert_parallel.yaml"))
+    # With clipping by norm, which expert parallelism computes over the whole model (see the next test).
+    result = run_fit(tmp_path, "--config", str(ROOT / "configs/vision/vmoe_ti_digits_expert_parallel.yaml"),
+                     "--trainer.gradient_clip_val", "0.5")
     assert result.returncode == 0, result.stderr[-4000:]
     checkpoint = next(tmp_path.rglob("*.ckpt"))
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
@@ -141,11 +143,53 @@ def test_two_process_fit_under_lightning_strategies(tmp_path, strategy, config):
     assert "`Trainer.fit` stopped: `max_steps=3` reached" in result.stderr + result.stdout
 
 
-def test_expert_parallel_refuses_gradient_clipping():
-    from types import SimpleNamespace
+def _clip_worker(rank: int, world: int, port: int, size: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from types import SimpleNamespace
 
-    from moezoo.distributed import ExpertParallel
+        from moezoo.distributed import ExpertParallel
+        from moezoo.layers import MoE
+        from moezoo.layers.expert_parallel import init_expert_parallel, shard_experts
+        from moezoo.routers import TopKRouter
 
-    trainer = SimpleNamespace(gradient_clip_val=1.0, world_size=2)
-    with pytest.raises(ValueError, match=r"does not support gradient clipping yet \(trainer.gradient_clip_val=1.0\)"):
-        ExpertParallel(size=2).setup(trainer, torch.nn.Linear(2, 2), "fit")
+        torch.manual_seed(0)
+        layer = MoE(6, 10, 4, TopKRouter(6, 4, k=2), gated=True, activation="silu")
+        inputs, grad_out = torch.randn(world, 13, 6), torch.randn(world, 13, 6)
+
+        # One process: the mean of every rank's gradient (what DDP gives), clipped by its norm.
+        single = copy.deepcopy(layer)
+        for r in range(world):
+            single(inputs[r]).backward(grad_out[r])
+        for p in single.parameters():
+            p.grad /= world
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in single.parameters()]))
+        max_norm = 0.5 * float(norm)  # so that clipping really happens
+        torch.nn.utils.clip_grad_norm_(single.parameters(), max_norm)
+
+        sharding = ExpertParallel(size)
+        sharding.groups = init_expert_parallel(size)
+        sharding.sharded = shard_experts(layer, sharding.groups)
+        layer(inputs[rank]).backward(grad_out[rank])
+        for name, p in layer.named_parameters():  # DDP averages the replicated parameters
+            if name not in sharding.sharded:
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        sharding.on_before_optimizer_step(SimpleNamespace(world_size=world), layer, None)
+        total = sharding.clip_grad_norm(layer, max_norm)
+
+        torch.testing.assert_close(total, norm, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.router.gate.weight.grad, single.router.gate.weight.grad)
+        local, shard = 4 // size, rank % size
+        for name, p in layer.experts.named_parameters():
+            expected = getattr(single.experts, name).grad[shard * local : (shard + 1) * local]
+            torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_clips_by_the_whole_models_gradient_norm(world):
+    mp.spawn(_clip_worker, args=(world, free_port(), 2), nprocs=world, join=True)
