@@ -56,11 +56,10 @@ def check_freezing(cli, start):
     return frozen, trainable
 
 
-needs_weights = pytest.mark.skipif(not {"vmoe_ti_digits", "vit_ti_digits"} <= SHIPPED,
-                                   reason="the recipes start from shipped entries")
+def test_the_recipes_starting_entries_ship_weights():
+    assert {"vmoe_ti_digits", "vit_ti_digits"} <= SHIPPED
 
 
-@needs_weights
 def test_freeze_moe(tmp_path):
     cli, start, after = run_recipe("freeze_moe", tmp_path)
     frozen, trainable = check_freezing(cli, start)
@@ -69,7 +68,6 @@ def test_freeze_moe(tmp_path):
     assert after > start["__accuracy__"] + 0.05
 
 
-@needs_weights
 def test_freeze_dense(tmp_path):
     cli, start, after = run_recipe("freeze_dense", tmp_path)
     frozen, trainable = check_freezing(cli, start)
@@ -78,7 +76,6 @@ def test_freeze_dense(tmp_path):
     assert after > start["__accuracy__"] + 0.05
 
 
-@needs_weights
 def test_expert_dropout(tmp_path):
     cli, start, after = run_recipe("expert_dropout", tmp_path)
     experts = [layer.experts for _, layer in routed_layers(cli.model.model)]
@@ -87,7 +84,6 @@ def test_expert_dropout(tmp_path):
     assert after > start["__accuracy__"] + 0.05
 
 
-@needs_weights
 def test_esft_trains_only_the_most_used_experts(tmp_path):
     cli, start, after = run_recipe("esft", tmp_path)
     esft = next(c for c in cli.trainer.callbacks if isinstance(c, ExpertSpecialisedFineTuning))
@@ -128,7 +124,6 @@ def test_esft_setup_twice_keeps_one_gradient_mask_per_parameter():
     assert all(len(p._backward_hooks) == 1 for p in experts)
 
 
-@needs_weights
 def test_sparse_upcycling_recipe(tmp_path):
     dense_start = get_entry("vit_ti_digits")
     cli, start, after = run_recipe("upcycle_vit", tmp_path)

@@ -177,13 +177,9 @@ def _architecture_card(entry: ModelEntry) -> str:
 
 def write_card(entry: ModelEntry, root: Path = REPO_ROOT) -> Path:
     """Render ``model_cards/<entry>.md`` from the recorded results (if any)."""
-    if not results_path(entry.name, root).is_file():
-        path = card_path(entry.name, root)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_architecture_card(entry))
-        return path
-    results, studies = load_results(entry.name, root)
+    recorded = results_path(entry.name, root).is_file()
+    text = render_card(entry, *load_results(entry.name, root)) if recorded else render_card(entry, None, [])
     path = card_path(entry.name, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_card(entry, results, studies))
+    path.write_text(text)
     return path

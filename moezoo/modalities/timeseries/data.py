@@ -359,33 +359,30 @@ class SeriesDataModule(SplitDataModule):
         if self.source == "synthetic":
             train = kernel_synth(self.num_series, self.series_length, self.seed)
             val = kernel_synth(self.val_series, self.series_length, self.seed + 1)
-            self.splits = {
+            splits = {
                 "train": WindowDataset(list(train), self.max_length, self.stride),
                 "val": WindowDataset(list(val), self.max_length),
                 "test": _ZScored(ForecastWindows([s.values for s in load_real_series()], self.context_length,
                                                  self.horizon, self.test_stride)),
             }
-            self._check_training_windows()
-            return
-        if not self.path.startswith(BUILTIN_PREFIX) and not Path(self.path).is_file():
-            raise FileNotFoundError(f"SeriesDataModule: no CSV file at {self.path}")
-        blocks = read_csv_splits(self.path, self.context_length)
-        self.splits = {
-            "train": WindowDataset(list(blocks["train"]), self.max_length, self.stride),
-            "val": WindowDataset(list(blocks["val"]), self.max_length),
-            "test": ForecastWindows(list(blocks["test"]), self.context_length, self.horizon, self.test_stride),
-        }
-        self._check_training_windows()
-
-    def _check_training_windows(self) -> None:
+        else:
+            if not self.path.startswith(BUILTIN_PREFIX) and not Path(self.path).is_file():
+                raise FileNotFoundError(f"SeriesDataModule: no CSV file at {self.path}")
+            blocks = read_csv_splits(self.path, self.context_length)
+            splits = {
+                "train": WindowDataset(list(blocks["train"]), self.max_length, self.stride),
+                "val": WindowDataset(list(blocks["val"]), self.max_length),
+                "test": ForecastWindows(list(blocks["test"]), self.context_length, self.horizon, self.test_stride),
+            }
         # Incomplete training batches are dropped: too few windows would make `fit` end silently.
-        windows = len(self.splits["train"])
+        windows = len(splits["train"])
         if windows < self.batch_size:
             raise ValueError(
                 f"SeriesDataModule: the training split has {windows} windows of max_length={self.max_length} "
                 f"(stride={self.stride or self.max_length}), fewer than batch_size={self.batch_size}; lower "
                 "stride, max_length or batch_size"
             )
+        self.splits = splits
 
     def dataset_for(self, split: str) -> Dataset:
         self.setup()
