@@ -44,9 +44,12 @@ from torch.autograd.function import once_differentiable
 
 from moezoo.kernels.activations import get_activation
 from moezoo.kernels.torch_backend import expert_mlp_torch
-from moezoo.kernels.triton_router import INTERPRET, sort_by_expert
+from moezoo.kernels.sorting import sort_by_expert
 
 __all__ = ["INTERPRET", "expert_mlp_triton"]
+
+# triton.jit picks the interpreter when the kernels below are decorated, i.e. at import time.
+INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 
 # Activation codes, shared by the Python wrappers and the kernels (0: no activation).
 _ACT_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}

@@ -1,4 +1,4 @@
-"""The Triton expert MLP and router kernels against the torch backend and a naive per-assignment loop.
+"""The Triton expert MLP kernels against the torch backend and a naive per-assignment loop.
 
 The kernels run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``, the default here), or
 compiled on CUDA when the suite runs with ``TRITON_INTERPRET=0`` on a machine with a GPU.
@@ -22,7 +22,7 @@ import triton.language as tl  # noqa: E402
 
 from moezoo.kernels import ACTIVATIONS, expert_mlp  # noqa: E402
 from moezoo.kernels import triton_backend as tb  # noqa: E402
-from moezoo.kernels import triton_router as tr  # noqa: E402
+from moezoo.kernels.sorting import sort_by_expert  # noqa: E402
 from moezoo.kernels.torch_backend import expert_mlp_torch  # noqa: E402
 from moezoo.routers.routing import Routing  # noqa: E402
 
@@ -322,46 +322,14 @@ def test_cpu_tensors_without_interpreter_fall_back_to_torch(monkeypatch):
     torch.testing.assert_close(out, call(expert_mlp_torch), rtol=0, atol=0)
 
 
-# --- router kernel ------------------------------------------------------------------------------
-@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-@pytest.mark.parametrize("normalize", [False, True])
-@pytest.mark.parametrize("tokens, experts, k", [(37, 6, 2), (5, 64, 8), (16, 1, 1)])
-def test_fused_topk_routing_matches_torch(score, normalize, tokens, experts, k):
-    g = torch.Generator().manual_seed(tokens * experts + k)
-    logits = (torch.randn(tokens, experts, generator=g) * 3).to(DEVICE).requires_grad_()
-    grad = torch.randn(tokens, k, generator=g).to(DEVICE)
-    weights, indices = tr.fused_topk_routing(logits, k, score, normalize)
-    (grad_logits,) = torch.autograd.grad(weights, logits, grad)
-    ref_weights, ref_indices = tr.topk_routing_torch(logits, k, score, normalize)
-    (ref_grad,) = torch.autograd.grad(ref_weights, logits, grad)
-    assert weights.dtype == torch.float32 and indices.dtype == torch.int64
-    assert torch.equal(indices, ref_indices)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(grad_logits, ref_grad, rtol=1e-5, atol=1e-6)
-
-
-def test_fused_topk_routing_ties_go_to_the_lower_index():
-    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0], [0.0, 2.0, 2.0, 0.0], [3.0, -1.0, 3.0, 3.0]], device=DEVICE)
-    for score in ("softmax", "sigmoid"):
-        _, indices = tr.fused_topk_routing(logits, 3, score)
-        assert indices.tolist() == [[0, 1, 2], [1, 2, 0], [0, 2, 3]]
-
-
-def test_fused_topk_routing_bf16_logits():
-    logits = torch.randn(33, 8, generator=torch.Generator().manual_seed(12)).to(DEVICE, torch.bfloat16)
-    weights, indices = tr.fused_topk_routing(logits, 2, "softmax", normalize=True)
-    ref_weights, ref_indices = tr.topk_routing_torch(logits, 2, "softmax", normalize=True)
-    assert torch.equal(indices, ref_indices)
-    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
-
-
+# --- bookkeeping -------------------------------------------------------------------------------
 def test_sort_by_expert():
     expert = torch.tensor([3, 0, 3, 1, 0, 3, 5, 1], device=DEVICE)
-    order, counts, offsets = tr.sort_by_expert(expert, 7)
+    order, counts, offsets = sort_by_expert(expert, 7)
     assert torch.equal(order, torch.argsort(expert, stable=True))
     assert counts.tolist() == [2, 2, 0, 3, 0, 1, 0]
     assert offsets.tolist() == [0, 2, 4, 4, 7, 7, 8, 8]
-    order, counts, offsets = tr.sort_by_expert(expert[:0], 3)
+    order, counts, offsets = sort_by_expert(expert[:0], 3)
     assert order.numel() == 0 and counts.tolist() == [0, 0, 0] and offsets.tolist() == [0, 0, 0, 0]
 
 
@@ -446,11 +414,6 @@ def _compile_every_kernel_for_hopper() -> None:
         pointers = {"y_ptr": f"*{dtype}", "by_token_ptr": "*i64", "token_offsets_ptr": "*i64", "out_ptr": f"*{dtype}"}
         flags = dict(BLOCK_N=tb._TOKEN_BLOCK)
         _compile_for_hopper(tb._sum_by_token_kernel, pointers, flags, ("stride_yn", "stride_on"))
-        for experts, k in [(8, 2), (64, 8), (6, 1), (1, 1)]:
-            pointers = {"logits_ptr": f"*{dtype}", "weights_ptr": "*fp32", "indices_ptr": "*i64"}
-            flags = dict(K=k, K_POW2=triton.next_power_of_2(k), E_POW2=triton.next_power_of_2(experts),
-                         BLOCK_T=tr._BLOCK_T, SIGMOID=experts == 6, NORMALIZE=k > 1)
-            _compile_for_hopper(tr._topk_routing_kernel, pointers, flags, ("stride_le",))
 
 
 @pytest.mark.slow
