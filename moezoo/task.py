@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from moezoo.layers.routed import aux_loss
+from moezoo.layers.routed import aux_loss, update_routers
 
 __all__ = ["MoETask"]
 
@@ -80,7 +80,8 @@ class MoETask(L.LightningModule):
     def configure_model(self) -> None:
         """Fully sharded data parallelism (FSDP2) under Lightning's ``ModelParallelStrategy``: each
         transformer block (``model.blocks`` or ``model.layers``) is one sharding unit, then the rest.
-        Lightning's ``FSDPStrategy`` (FSDP1) needs a GPU; this path also runs on CPU with gloo."""
+        Lightning's ``FSDPStrategy`` (FSDP1) needs a GPU; this path also runs on CPU with gloo.
+        Expert shards of :class:`~moezoo.distributed.ExpertParallel` stay whole on their rank."""
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
             return
@@ -90,7 +91,8 @@ class MoETask(L.LightningModule):
         # fully_shard cannot shard 0-dim parameters (LIMoE's logit scale, Soft MoE's scale): they stay
         # replicated, and their gradients are averaged in on_before_optimizer_step.
         self._replicated = [p for p in self.model.parameters() if p.dim() == 0]
-        ignored = set(self._replicated)
+        sharding = self._expert_parallel()
+        ignored = set(self._replicated) | set(sharding.sharded_parameters(self) if sharding else [])
         for attribute in ("blocks", "layers"):
             for block in getattr(self.model, attribute, None) or []:
                 fully_shard(block, mesh=data_parallel, ignored_params=ignored)
@@ -101,6 +103,20 @@ class MoETask(L.LightningModule):
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad)
                 p.grad.div_(torch.distributed.get_world_size())
+        # Once per optimiser step, also under gradient accumulation: e.g. loss-free balancing biases.
+        update_routers(self.model)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sharding = self._expert_parallel()
+        if sharding is not None:
+            sharding.localize_checkpoint(self, checkpoint)
+
+    def _expert_parallel(self):
+        """The trainer's active :class:`~moezoo.distributed.ExpertParallel` callback, or None."""
+        from moezoo.distributed import ExpertParallel
+
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return next((c for c in callbacks if isinstance(c, ExpertParallel) and c.groups), None)
 
     # -- objective -----------------------------------------------------------------------------
     def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor | None:
@@ -122,9 +138,7 @@ class MoETask(L.LightningModule):
         return total
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        from moezoo.distributed import ExpertParallel
-
-        sharding = next((c for c in self.trainer.callbacks if isinstance(c, ExpertParallel) and c.groups), None)
+        sharding = self._expert_parallel()
         if sharding is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
             # Expert-parallel ranks hold different experts: clip by the whole model's norm.
             sharding.clip_grad_norm(self, float(gradient_clip_val))

@@ -1,18 +1,28 @@
 """Layers built from routers and kernels: the MoE FFN, Soft MoE, their dense counterpart, and helpers."""
 
 from moezoo.layers.attention import RotaryEmbedding, attention_mask
-from moezoo.layers.experts import Experts
+from moezoo.layers.experts import ExpertBank, Experts, LinearExperts
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.moe import MoE, RouterFactory
 from moezoo.layers.multimodal_moe import MultimodalMoE
-from moezoo.layers.routed import RoutedLayer, aux_loss, parameter_counts, routed_layers, routing_stats
+from moezoo.layers.routed import (
+    RoutedLayer,
+    aux_loss,
+    parameter_counts,
+    register_router_updates,
+    routed_layers,
+    routing_stats,
+    update_routers,
+)
 from moezoo.layers.soft_moe import SoftMoE
 from moezoo.layers.switchhead import SwitchHeadAttention
 
 __all__ = [
     "MLP",
+    "ExpertBank",
     "Experts",
+    "LinearExperts",
     "MixtureOfAttentionHeads",
     "MoE",
     "MultimodalMoE",
@@ -24,6 +34,8 @@ __all__ = [
     "attention_mask",
     "aux_loss",
     "parameter_counts",
+    "register_router_updates",
     "routed_layers",
     "routing_stats",
+    "update_routers",
 ]

@@ -1,13 +1,13 @@
-"""Expert parallelism: the experts of each MoE layer are sharded over a process group and tokens
-travel to their experts and back with ``torch.distributed.all_to_all_single``.
+"""Expert parallelism: every expert bank's experts sharded over a process group, tokens moved to
+their experts and back with ``torch.distributed.all_to_all_single``.
 
-Every rank routes its own tokens (the router is replicated); rank ``r`` of an expert-parallel group
-of size P owns experts ``[r * E/P, (r + 1) * E/P)``. Per layer: the counts of rows for every rank
-are exchanged first, then the rows, their local expert ids, and, after the expert computation (in
-:mod:`moezoo.kernels`, unweighted), the outputs come back the same way; the combine weights are
-applied where the tokens live, so the router's gradient never leaves its rank. With data
-parallelism on top (world = D x P), the ranks holding the same expert shard form a replica group
-over which expert gradients are summed.
+Every rank routes its own tokens (routers are replicated); rank ``r`` of an expert-parallel group of
+size P holds experts ``[r * E/P, (r + 1) * E/P)`` of each bank. Per bank call
+(:class:`AllToAllDispatcher`): the row counts for every rank are exchanged first, then the rows and
+their local expert ids; the owner computes the unweighted expert outputs through the bank's own
+backend, and they come back the same way; the combine weights are applied where the tokens live, so
+the router's gradient never leaves its rank. With data parallelism on top (world = D x P), the ranks
+holding the same shard form a replica group over which expert gradients are summed.
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moezoo.layers.experts import Experts
+from moezoo.kernels.sorting import sort_by_expert
+from moezoo.layers.experts import Dispatcher, ExpertBank, combine_rows
 from moezoo.routers.routing import Routing
 
-__all__ = ["ExpertParallelGroups", "all_to_all", "expert_parallel_mlp", "init_expert_parallel", "shard_experts"]
+__all__ = ["AllToAllDispatcher", "ExpertParallelGroups", "all_to_all", "expert_banks", "expert_shards",
+           "init_expert_parallel", "localize_expert_state", "shard_experts"]
 
 
 @dataclass(frozen=True)
@@ -29,38 +32,40 @@ class ExpertParallelGroups:
     """The process groups of expert parallelism on this rank.
 
     Attributes:
+        mesh: the 2-D device mesh ``("expert_replicas", "expert_parallel")`` of shape (D, P) over
+            the world: a row holds all experts once (tokens move inside it), a column holds the
+            same shard (data parallelism over D).
         size: P, ranks per expert-parallel group.
         rank: this rank's index in its expert-parallel group (which expert shard it owns).
-        group: this rank's expert-parallel group (tokens move inside it).
+        group: this rank's expert-parallel group.
         replicas: the ranks that hold the same expert shard (expert gradients are summed over it);
-            None when there is no data parallelism across expert-parallel groups.
+            None when there is no data parallelism across expert-parallel groups (D = 1).
     """
 
+    mesh: DeviceMesh
     size: int
     rank: int
-    group: dist.ProcessGroup | None
+    group: dist.ProcessGroup
     replicas: dist.ProcessGroup | None
 
 
 def init_expert_parallel(size: int) -> ExpertParallelGroups:
-    """Create the groups on an initialised default process group of ``world`` ranks: consecutive
-    blocks of ``size`` ranks share the experts; every rank must call this (same order)."""
+    """Create the (D, P) mesh on an initialised default process group of ``world = D x P`` ranks:
+    consecutive blocks of ``size`` ranks share the experts. Every rank must call this."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("expert parallelism needs torch.distributed to be initialised")
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if size < 1 or world % size:
-        raise ValueError(f"expert_parallel_size must divide the world size {world}, got {size}")
-    own_group = replicas = None
-    for start in range(0, world, size):
-        group = dist.new_group(list(range(start, start + size)))
-        if start <= rank < start + size:
-            own_group = group
-    if world > size:
-        for offset in range(size):
-            group = dist.new_group(list(range(offset, world, size)))
-            if rank % size == offset:
-                replicas = group
-    return ExpertParallelGroups(size=size, rank=rank % size, group=own_group, replicas=replicas)
+    world = dist.get_world_size()
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or world % size:
+        raise ValueError(
+            f"expert parallelism: the world size {world} must be a multiple of the expert-parallel size P, "
+            f"got P={size!r}"
+        )
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    mesh = init_device_mesh(device, (world // size, size), mesh_dim_names=("expert_replicas", "expert_parallel"))
+    return ExpertParallelGroups(
+        mesh=mesh, size=size, rank=mesh.get_local_rank("expert_parallel"), group=mesh.get_group("expert_parallel"),
+        replicas=mesh.get_group("expert_replicas") if world > size else None,
+    )
 
 
 class _AllToAll(torch.autograd.Function):
@@ -86,69 +91,113 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
-def expert_parallel_mlp(x: Tensor, routing: Routing, experts: Experts, groups: ExpertParallelGroups) -> Tensor:
-    """What ``experts(x, routing)`` computes with all E experts, where this rank holds E/P of them.
+class AllToAllDispatcher(Dispatcher):
+    """Sends each assignment to the rank of its expert, runs it there, and combines at home.
 
     Args:
-        x: (tokens, dim) this rank's tokens.
-        routing: this rank's assignments over all E experts.
-        experts: this rank's shard of the experts (E/P of them).
         groups: from :func:`init_expert_parallel`.
-
-    Returns:
-        (tokens, dim).
     """
-    local = experts.num_experts
-    if routing.num_experts != local * groups.size:
-        raise ValueError(
-            f"routing is over {routing.num_experts} experts but {groups.size} ranks x {local} local experts "
-            f"= {local * groups.size}"
-        )
-    order = torch.argsort(routing.expert, stable=True)
-    token, expert = routing.token[order], routing.expert[order]
-    weight = routing.weight[order].to(x.dtype)
-    destination = torch.div(expert, local, rounding_mode="floor")
-    send = torch.bincount(destination, minlength=groups.size)
-    receive = torch.empty_like(send)
-    dist.all_to_all_single(receive, send, group=groups.group)  # counts first: the row splits
-    send_splits, receive_splits = send.tolist(), receive.tolist()
 
-    rows = all_to_all(x.index_select(0, token), receive_splits, send_splits, groups.group)
-    local_expert = torch.empty(sum(receive_splits), dtype=expert.dtype, device=expert.device)
-    dist.all_to_all_single(local_expert, expert - destination * local, receive_splits, send_splits,
-                           group=groups.group)
-    arrived = rows.shape[0]
-    unweighted = experts(rows, Routing(
-        token=torch.arange(arrived, device=x.device), expert=local_expert,
-        weight=torch.ones(arrived, device=x.device, dtype=torch.float32),
-        num_tokens=arrived, num_experts=local,
-    ))
-    returned = all_to_all(unweighted, send_splits, receive_splits, groups.group)
-    out = x.new_zeros(x.shape[0], returned.shape[-1])
-    return out.index_add(0, token, returned * weight.unsqueeze(1))
+    def __init__(self, groups: ExpertParallelGroups) -> None:
+        self.groups = groups
+
+    def __call__(self, x: Tensor, routing: Routing, bank: ExpertBank) -> Tensor:
+        local, group = bank.num_local_experts, self.groups.group
+        order, _, _ = sort_by_expert(routing.expert, routing.num_experts)
+        token, expert = routing.token[order], routing.expert[order]
+        destination = torch.div(expert, local, rounding_mode="floor")
+        send = torch.bincount(destination, minlength=self.groups.size)
+        receive = torch.empty_like(send)
+        dist.all_to_all_single(receive, send, group=group)  # counts first: the row splits
+        send_splits, receive_splits = send.tolist(), receive.tolist()
+
+        rows = x.index_select(0, token)
+        if bank.bfloat16_dispatch:  # vmoe sends bf16 rows: half the volume, the same rounding
+            rows = rows.to(torch.bfloat16)
+        arrived = all_to_all(rows, receive_splits, send_splits, group).to(x.dtype)
+        local_expert = torch.empty(sum(receive_splits), dtype=expert.dtype, device=expert.device)
+        dist.all_to_all_single(local_expert, expert - destination * local, receive_splits, send_splits, group=group)
+        outputs = bank.compute_rows(arrived, local_expert)
+        if bank.bfloat16_dispatch:
+            outputs = outputs.to(torch.bfloat16)
+        returned = all_to_all(outputs, send_splits, receive_splits, group)
+        if bank.bfloat16_dispatch:
+            return combine_rows(returned.float(), token, routing.weight[order], x.shape[0]).to(x.dtype)
+        return combine_rows(returned, token, routing.weight[order], x.shape[0])
+
+
+def expert_banks(model: nn.Module) -> list[tuple[str, ExpertBank]]:
+    """(qualified name, bank) of every expert bank in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ExpertBank)]
 
 
 @torch.no_grad()
 def shard_experts(model: nn.Module, groups: ExpertParallelGroups) -> list[str]:
-    """Keep only this rank's shard of every MoE layer's experts and switch the layers to expert
-    parallelism. Returns the qualified names of the sharded (now rank-specific) parameters."""
-    from moezoo.layers.moe import MoE
+    """Keep only this rank's shard of every expert bank and switch the banks to all-to-all dispatch.
 
-    names = []
-    for layer_name, layer in model.named_modules():
-        if not isinstance(layer, MoE) or layer.expert_parallel is not None:
-            continue
-        experts = layer.experts
-        if experts.num_experts % groups.size:
+    Every bank's E must be divisible by P; the check covers all banks before any is changed.
+
+    Returns:
+        The qualified names of the sharded (now rank-specific) parameters.
+
+    Raises:
+        ValueError: naming the model when it has no expert bank, or the bank, E and P when P does
+            not divide E.
+    """
+    banks = expert_banks(model)
+    if not banks:
+        raise ValueError(f"expert parallelism: {type(model).__name__} has no expert bank to shard")
+    for name, bank in banks:
+        if bank.sharded:
+            raise ValueError(f"expert parallelism: {name or type(bank).__name__} is already sharded")
+        if bank.num_experts % groups.size:
             raise ValueError(
-                f"{layer_name}: {experts.num_experts} experts cannot be split over {groups.size} ranks"
+                f"expert parallelism: {name or type(bank).__name__} has E={bank.num_experts} experts, which "
+                f"P={groups.size} ranks cannot split evenly (E must be a multiple of P)"
             )
-        local = experts.num_experts // groups.size
-        start = groups.rank * local
-        for param_name, param in list(experts.named_parameters()):
-            shard = nn.Parameter(param.detach()[start : start + local].clone(), requires_grad=param.requires_grad)
-            setattr(experts, param_name, shard)
-            names.append(f"{layer_name}.experts.{param_name}" if layer_name else f"experts.{param_name}")
-        experts.num_experts = local
-        layer.expert_parallel = groups
-    return names
+    dispatcher = AllToAllDispatcher(groups)
+    sharded = []
+    for name, bank in banks:
+        local = bank.num_experts // groups.size
+        for param in bank.keep_experts(groups.rank * local, local, dispatcher):
+            sharded.append(f"{name}.{param}" if name else param)
+    return sharded
+
+
+def expert_shards(model: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """For every parameter of a sharded bank: qualified name -> (first expert, local experts, E)."""
+    shards = {}
+    for name, bank in expert_banks(model):
+        if bank.sharded:
+            for param, _ in bank.named_parameters(recurse=False):
+                shards[f"{name}.{param}" if name else param] = (bank.expert_start, bank.num_local_experts,
+                                                                  bank.num_experts)
+    return shards
+
+
+def localize_expert_state(model: nn.Module, state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+    """A state dict with all E experts per bank (what checkpoints hold) cut to this rank's shards.
+
+    Args:
+        model: the (sharded) model.
+        state: full state dict; keys are ``prefix`` + the model's parameter names.
+        prefix: e.g. ``"model."`` for a task's checkpoint.
+
+    Returns:
+        A new dict; tensors of unsharded parameters are passed through.
+
+    Raises:
+        ValueError: naming the key, when a bank's tensor does not hold E experts.
+    """
+    out = dict(state)
+    for name, (start, count, total) in expert_shards(model).items():
+        key = prefix + name
+        if key not in out:
+            continue
+        if out[key].dim() == 0 or out[key].shape[0] != total:
+            raise ValueError(
+                f"{key} holds {out[key].shape[0] if out[key].dim() else 0} experts but the model's bank has "
+                f"E={total} (sharded over {total // count} ranks)"
+            )
+        out[key] = out[key][start : start + count]
+    return out

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moezoo.kernels import expert_linear
 from moezoo.layers.attention import RotaryEmbedding, attention_mask
+from moezoo.layers.experts import LinearExperts
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.moa import MOA_LOSS_WEIGHTS, MoARouter
 from moezoo.routers.routing import Routing
@@ -55,6 +55,7 @@ class MixtureOfAttentionHeads(RoutedLayer):
         dropout: attention-probability dropout.
         noisy_gating: the reference's ``--gating noisy``.
         rotate_fraction, rope_base: optional RoPE (see :class:`~moezoo.layers.attention.RotaryEmbedding`).
+        backend: backend of the expert projections.
         aux_loss_weights: coefficient per loss name (default :data:`~moezoo.routers.moa.MOA_LOSS_WEIGHTS`).
     """
 
@@ -70,6 +71,7 @@ class MixtureOfAttentionHeads(RoutedLayer):
         noisy_gating: bool = False,
         rotate_fraction: float = 0.0,
         rope_base: float = 10000.0,
+        backend: str = "auto",
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(MOA_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights)
@@ -84,19 +86,25 @@ class MixtureOfAttentionHeads(RoutedLayer):
         self.kdim = kdim or dim
         self.dropout = dropout
         self.router = MoARouter(dim, num_experts, k, noisy=noisy_gating)
-        self.w_q = nn.Parameter(torch.empty(num_experts, dim, head_dim))
-        self.w_o = nn.Parameter(torch.empty(num_experts, head_dim, dim))
+        self.q_experts = LinearExperts(dim, head_dim, num_experts, backend=backend)
+        self.o_experts = LinearExperts(head_dim, dim, num_experts, backend=backend)
         self.k_proj = nn.Linear(self.kdim, head_dim, bias=False)
         self.v_proj = nn.Linear(self.kdim, head_dim, bias=False)
         self.rope = RotaryEmbedding(head_dim, rotate_fraction, rope_base)
         self.reset_parameters()
 
+    @property
+    def w_q(self) -> nn.Parameter:
+        """(E, dim, d) expert query projections (the reference's ``q_proj.experts.w``)."""
+        return self.q_experts.weight
+
+    @property
+    def w_o(self) -> nn.Parameter:
+        """(E, d, dim) expert output projections (the reference's ``q_proj.output_experts.w``)."""
+        return self.o_experts.weight
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, head_dim={self.head_dim}"
-
-    def expert_parameters(self) -> list[tuple[nn.Parameter, float]]:
-        """The query and output projections are the experts: k of E active per token."""
-        return [(self.w_q, self.k / self.num_experts), (self.w_o, self.k / self.num_experts)]
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -136,7 +144,7 @@ class MixtureOfAttentionHeads(RoutedLayer):
         slot_row = routing.token * k + torch.arange(routing.num_assignments, device=x.device) // tokens
         ones = torch.ones_like(routing.weight)
         q_routing = Routing(slot_row, routing.expert, ones, tokens * k, self.num_experts)
-        q = expert_linear(x.reshape(tokens, self.dim).repeat_interleave(k, dim=0), q_routing, self.w_q)
+        q = self.q_experts(x.reshape(tokens, self.dim).repeat_interleave(k, dim=0), q_routing)
         q = q.view(batch, queries, k, d).transpose(1, 2)  # (B, k, T, d): slot j of every token
         key = self.k_proj(src).unsqueeze(1).expand(batch, k, keys, d)
         value = self.v_proj(src).unsqueeze(1).expand(batch, k, keys, d)
@@ -146,6 +154,6 @@ class MixtureOfAttentionHeads(RoutedLayer):
                                              dropout_p=self.dropout if self.training else 0.0)
         rows = res.transpose(1, 2).reshape(tokens * k, d)
         o_routing = Routing(slot_row, routing.expert, routing.weight, tokens * k, self.num_experts)
-        out = expert_linear(rows, o_routing, self.w_o).view(tokens, k, self.dim).sum(1)
+        out = self.o_experts(rows, o_routing).view(tokens, k, self.dim).sum(1)
         self.record(routing.losses, routing.stats)
         return out.view(batch, queries, self.dim)

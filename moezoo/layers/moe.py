@@ -23,7 +23,8 @@ class MoE(RoutedLayer):
     """Sparse mixture of expert MLPs; ``forward(x: (..., dim)) -> (..., dim)``.
 
     Usable wherever a transformer MLP goes (e.g. timm's ``mlp_layer``). The router assigns each
-    token to experts; :func:`moezoo.kernels.expert_mlp` computes the weighted expert outputs; an
+    token to experts; the expert bank (:class:`~moezoo.layers.experts.Experts`) computes the
+    weighted expert outputs, locally or expert-parallel; an
     optional always-on shared expert is added (sigmoid-gated per token with ``shared_gate``, as in
     Qwen-MoE and Time-MoE). After each forward the router's losses and stats are on
     ``last_losses`` / ``last_stats`` (see :func:`moezoo.layers.aux_loss`).
@@ -44,6 +45,8 @@ class MoE(RoutedLayer):
         dropout: expert dropout (on the hidden activation and expert output), ST-MoE/V-MoE style.
         identical_init: initialise every expert identically (V-MoE), not independently.
         backend: expert-computation backend ("auto", "torch", "triton").
+        bfloat16_dispatch: round expert inputs and outputs to bf16, routing and combine in fp32
+            (vmoe's ``dispatcher.bfloat16``; see :class:`~moezoo.layers.experts.ExpertBank`).
         aux_loss_weights: coefficient per auxiliary-loss name (e.g. ``{"load_balancing": 0.01}``).
     """
 
@@ -63,6 +66,7 @@ class MoE(RoutedLayer):
         dropout: float = 0.0,
         identical_init: bool = False,
         backend: str = "auto",
+        bfloat16_dispatch: bool = False,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(aux_loss_weights)
@@ -71,7 +75,7 @@ class MoE(RoutedLayer):
                 raise ValueError(f"MoE: {name} must be an int >= 1, got {value!r}")
         if shared_experts < 0:
             raise ValueError(f"MoE: shared_experts must be >= 0, got {shared_experts}")
-        self.dim, self.hidden, self.num_experts = dim, hidden, num_experts
+        self.dim, self.hidden = dim, hidden
 
         if router is None:
             router = TopKRouter(dim, num_experts, k=2)
@@ -86,16 +90,20 @@ class MoE(RoutedLayer):
             )
         self.router = router
         self.experts = Experts(
-            num_experts, dim, hidden, activation, gated=gated, bias=bias, dropout=dropout,
-            identical_init=identical_init, backend=backend,
+            dim, hidden, num_experts, activation, gated=gated, bias=bias, dropout=dropout,
+            identical_init=identical_init, backend=backend, bfloat16_dispatch=bfloat16_dispatch,
         )
-        self.expert_parallel = None  # set by moezoo.layers.expert_parallel.shard_experts
         self.shared = None
         self.shared_gate = None
         if shared_experts:
             self.shared = MLP(dim, shared_experts * (shared_hidden or hidden), activation, gated=gated, bias=bias)
             if shared_gate:
                 self.shared_gate = nn.Linear(dim, 1, bias=False)
+
+    @property
+    def num_experts(self) -> int:
+        """E, the routed experts (owned by the expert bank)."""
+        return self.experts.num_experts
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, hidden={self.hidden}, num_experts={self.num_experts}"
@@ -124,12 +132,7 @@ class MoE(RoutedLayer):
         else:
             route_on = router_input.reshape(flat.shape[0], -1)
         routing = self.router(route_on, token_ids=ids, positions=positions)
-        if self.expert_parallel is None:
-            out = self.experts(flat, routing)
-        else:
-            from moezoo.layers.expert_parallel import expert_parallel_mlp
-
-            out = expert_parallel_mlp(flat, routing, self.experts, self.expert_parallel)
+        out = self.experts(flat, routing)
         if self.shared is not None:
             shared = self.shared(flat)
             if self.shared_gate is not None:

@@ -33,7 +33,8 @@ class MultimodalMoE(RoutedLayer):
         router: a :class:`~moezoo.routers.BatchPrioritizedRouter` (or a factory for one), whose
             ``capacity_groups`` splits the buffers; default V-MoE's, k=1.
         entropy_thresholds: tau per modality for the global entropy loss (nats); absent = plain loss.
-        activation, dropout, backend: the experts (see :class:`Experts`).
+        activation, dropout, backend, bfloat16_dispatch: the experts (see
+            :class:`~moezoo.layers.experts.Experts`).
         aux_loss_weights: coefficient per loss name, e.g. ``{"text/global_entropy": 0.01}``.
     """
 
@@ -48,6 +49,7 @@ class MultimodalMoE(RoutedLayer):
         activation: str = "gelu",
         dropout: float = 0.0,
         backend: str = "auto",
+        bfloat16_dispatch: bool = False,
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(aux_loss_weights)
@@ -58,9 +60,14 @@ class MultimodalMoE(RoutedLayer):
         if not isinstance(router, BatchPrioritizedRouter):
             raise ValueError(f"MultimodalMoE needs a BatchPrioritizedRouter (per-modality capacity), got {type(router).__name__}")
         self.router = router
-        self.experts = Experts(num_experts, dim, hidden, activation, dropout=dropout, backend=backend)
-        self.num_experts = num_experts
+        self.experts = Experts(dim, hidden, num_experts, activation, dropout=dropout, backend=backend,
+                               bfloat16_dispatch=bfloat16_dispatch)
         self.entropy_thresholds = dict(entropy_thresholds or {})
+
+    @property
+    def num_experts(self) -> int:
+        """E (owned by the expert bank)."""
+        return self.experts.num_experts
 
     def forward(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """inputs: modality -> (tokens_m, dim); empty modalities are skipped."""

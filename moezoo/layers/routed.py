@@ -7,7 +7,18 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["RoutedLayer", "aux_loss", "parameter_counts", "routed_layers", "routing_stats"]
+from moezoo.layers.experts import ExpertBank
+from moezoo.routers.base import Router
+
+__all__ = [
+    "RoutedLayer",
+    "aux_loss",
+    "parameter_counts",
+    "register_router_updates",
+    "routed_layers",
+    "routing_stats",
+    "update_routers",
+]
 
 
 class RoutedLayer(nn.Module):
@@ -34,17 +45,15 @@ class RoutedLayer(nn.Module):
     def expert_parameters(self) -> list[tuple[nn.Parameter, float]]:
         """(parameter, share of it active per token) for the layer's routed expert weights.
 
-        Default: the :class:`~moezoo.layers.experts.Experts` banks inside the layer, active at
-        ``k / E`` with k the router's experts per token (``capacity_factor`` for expert choice, 1
-        for routers without k); a layer that runs every expert (Soft MoE) reports them all active.
+        Default: the expert banks inside the layer, active at ``k / E`` with k the router's experts
+        per token (``capacity_factor`` for expert choice, 1 for routers without k); a layer that runs
+        every expert (Soft MoE) reports them all active.
         """
-        from moezoo.layers.experts import Experts
-
         router = getattr(self, "router", None)
         per_token = getattr(router, "k", None) or getattr(router, "capacity_factor", None) or 1
         out = []
         for module in self.modules():
-            if isinstance(module, Experts):
+            if isinstance(module, ExpertBank):
                 share = 1.0 if router is None else min(per_token, module.num_experts) / module.num_experts
                 out += [(p, share) for p in module.parameters()]
         return out
@@ -96,3 +105,24 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     inactive = sum(p.numel() * (1.0 - share) for _, layer in routed_layers(model)
                    for p, share in layer.expert_parameters())
     return {"total": total, "active": int(round(total - inactive))}
+
+
+def update_routers(model: nn.Module) -> None:
+    """Run every router's once-per-optimiser-step update (:meth:`Router.update_after_step
+    <moezoo.routers.base.Router.update_after_step>`, e.g. loss-free balancing biases), in module order.
+
+    :class:`~moezoo.task.MoETask` calls it before each optimiser step; with several processes every
+    rank must call it at the same point, since updates may all-reduce.
+    """
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.update_after_step()
+
+
+def register_router_updates(optimizer: torch.optim.Optimizer, model: nn.Module):
+    """For plain PyTorch loops: run :func:`update_routers` before every ``optimizer.step()``.
+
+    Returns:
+        The hook handle (``.remove()`` undoes it).
+    """
+    return optimizer.register_step_pre_hook(lambda *_: update_routers(model))

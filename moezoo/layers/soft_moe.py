@@ -29,7 +29,8 @@ class SoftMoE(RoutedLayer):
         hidden: hidden width of each expert MLP.
         num_experts: E.
         slots_per_expert: p (paper default 1).
-        activation, gated, bias, dropout, backend: the expert MLPs (see :class:`Experts`).
+        activation, gated, bias, dropout, backend, bfloat16_dispatch: the expert MLPs (see
+            :class:`~moezoo.layers.experts.Experts`). vmoe's Soft MoE rounds dispatch to bf16.
     """
 
     def __init__(
@@ -44,18 +45,24 @@ class SoftMoE(RoutedLayer):
         bias: bool = True,
         dropout: float = 0.0,
         backend: str = "auto",
+        bfloat16_dispatch: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
             raise ValueError(f"SoftMoE: slots_per_expert must be an int >= 1, got {slots_per_expert!r}")
-        self.dim, self.num_experts, self.slots_per_expert = dim, num_experts, slots_per_expert
-        self.experts = Experts(num_experts, dim, hidden, activation, gated=gated, bias=bias, dropout=dropout,
-                               backend=backend)
+        self.dim, self.slots_per_expert = dim, slots_per_expert
+        self.experts = Experts(dim, hidden, num_experts, activation, gated=gated, bias=bias, dropout=dropout,
+                               backend=backend, bfloat16_dispatch=bfloat16_dispatch)
         self.mu = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))
         self.scale = nn.Parameter(torch.ones(()))
         # flax lecun_normal, as the reference initialises mu.
         std = 1.0 / math.sqrt(dim) / 0.87962566103423978
         nn.init.trunc_normal_(self.mu, std=std, a=-2 * std, b=2 * std)
+
+    @property
+    def num_experts(self) -> int:
+        """E (owned by the expert bank)."""
+        return self.experts.num_experts
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}"

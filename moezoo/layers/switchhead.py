@@ -2,7 +2,7 @@
 and output projections are σ-gated mixtures of experts.
 
 Reference: RobertCsordas/switchhead ``switchhead/switchhead.py`` (``SwitchHeadRope``). The expert
-projections run through :func:`moezoo.kernels.expert_linear`.
+projections are :class:`~moezoo.layers.experts.LinearExperts` banks.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moezoo.kernels import expert_linear
 from moezoo.layers.attention import RotaryEmbedding, attention_mask
+from moezoo.layers.experts import LinearExperts
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.routing import Routing
 from moezoo.routers.losses import marginal_entropy_loss
@@ -47,9 +47,9 @@ class SwitchHeadAttention(RoutedLayer):
     ``entropy_reg`` (σ-MoE's marginal entropy of the V and O selection logits, per sequence over its
     positions and heads; weight it with ``aux_loss_weights={"entropy_reg": ...}``).
 
-    Parameters (reference layout): ``q.weight``, ``k.weight`` (H*d, dim); ``v`` (H*E, dim, d);
-    ``o`` (H*E, d, dim); ``sel_v.gate.weight`` (H*E, dim, absent for E=1); ``sel_o.gate.weight``
-    (H*E, dim). Expert h*E+e is expert e of head h.
+    Parameters: ``q.weight``, ``k_proj.weight`` (H*d, dim); ``v`` = ``v_experts.weight`` (H*E, dim, d);
+    ``o`` = ``o_experts.weight`` (H*E, d, dim); ``sel_v.gate.weight`` (H*E, dim, absent for E=1);
+    ``sel_o.gate.weight`` (H*E, dim). Expert h*E+e is expert e of head h.
 
     Args:
         dim: model width.
@@ -62,6 +62,7 @@ class SwitchHeadAttention(RoutedLayer):
         rotate_fraction: share of head channels with RoPE (reference 0.5); 0 = no positions here.
         rope_base: RoPE base.
         init_scale: std multiplier of the init (reference recommendation 1/sqrt(layers)).
+        backend: backend of the expert projections.
         aux_loss_weights: coefficient per loss name (default none: the paper uses no regulariser).
     """
 
@@ -78,6 +79,7 @@ class SwitchHeadAttention(RoutedLayer):
         rotate_fraction: float = 0.5,
         rope_base: float = 10000.0,
         init_scale: float = 1.0,
+        backend: str = "auto",
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(aux_loss_weights)
@@ -96,17 +98,27 @@ class SwitchHeadAttention(RoutedLayer):
         inner = num_heads * self.head_dim
         self.q = nn.Linear(dim, inner, bias=False)
         self.k_proj = nn.Linear(dim, inner, bias=False)
-        self.v = nn.Parameter(torch.empty(num_heads * num_experts, dim, self.head_dim))
-        self.o = nn.Parameter(torch.empty(num_heads * num_experts, self.head_dim, dim))
+        self.v_experts = LinearExperts(dim, self.head_dim, num_heads * num_experts, backend=backend)
+        self.o_experts = LinearExperts(self.head_dim, dim, num_heads * num_experts, backend=backend)
         selector = dict(k=k, expert_dropout=expert_dropout, init_scale=init_scale)
         self.sel_v = SwitchHeadSelector(dim, num_heads, num_experts, **selector) if num_experts > 1 else None
         self.sel_o = SwitchHeadSelector(dim, num_heads, num_experts, **selector)
         self.rope = RotaryEmbedding(self.head_dim, rotate_fraction, rope_base)
         self.reset_parameters(init_scale)
 
+    @property
+    def v(self) -> nn.Parameter:
+        """(H*E, dim, d) value experts."""
+        return self.v_experts.weight
+
+    @property
+    def o(self) -> nn.Parameter:
+        """(H*E, d, dim) output experts."""
+        return self.o_experts.weight
+
     def expert_parameters(self) -> list[tuple[nn.Parameter, float]]:
         """Each head's value and output experts: k of E active per token and head."""
-        return [(self.v, self.k / self.num_experts), (self.o, self.k / self.num_experts)]
+        return [(p, self.k / self.num_experts) for p in (*self.v_experts.parameters(), *self.o_experts.parameters())]
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_experts={self.num_experts}, k={self.k}, "
@@ -155,7 +167,7 @@ class SwitchHeadAttention(RoutedLayer):
             v_routing = Routing(rows, rows % heads, x.new_ones(rows.shape), rows.numel(), heads)
         else:
             v_routing = self.sel_v(src_flat)
-        v = expert_linear(per_head_src, v_routing, self.v).view(batch, keys, heads, d).transpose(1, 2)
+        v = self.v_experts(per_head_src, v_routing).view(batch, keys, heads, d).transpose(1, 2)
 
         q = F.dropout(q, self.dropout, self.training)
         q, k = self.rope(q, k)
@@ -164,7 +176,7 @@ class SwitchHeadAttention(RoutedLayer):
 
         o_routing = self.sel_o(x_flat)
         rows = res.transpose(1, 2).reshape(-1, d)  # row t*H + h
-        out = expert_linear(rows, o_routing, self.o).view(batch * queries, heads, self.dim).sum(1)
+        out = self.o_experts(rows, o_routing).view(batch * queries, heads, self.dim).sum(1)
 
         # Reference regulariser: per sequence, one marginal over its positions and heads, V and O.
         e = self.num_experts

@@ -69,6 +69,10 @@ class Router(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"{name}: x must be a floating tensor, got dtype {x.dtype}")
 
+    def update_after_step(self) -> None:
+        """State that changes once per optimiser step, not per forward (e.g. loss-free balancing
+        biases from the loads accumulated since the last step). Default: nothing."""
+
     def compute_logits(self, x: Tensor) -> Tensor:
         """(tokens, experts) fp32 logits, computed outside autocast."""
         with torch.autocast(device_type=x.device.type, enabled=False):

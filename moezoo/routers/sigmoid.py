@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from moezoo.routers import functional as RF
@@ -18,9 +19,11 @@ class SigmoidRouter(Router):
     the sigmoid scores themselves (``normalize``: rescaled to sum to 1, as DeepSeek-V3).
 
     Auxiliary-loss-free balancing (Wang et al. 2024, arXiv 2408.15664): the per-expert ``bias``
-    (a buffer, used only for selection, never in the weights) is updated after every training
-    forward by ``bias += bias_update_rate * sign(mean load - load_e)``, so an overloaded expert
-    becomes less attractive. ``bias_update_rate=0`` disables it.
+    (a buffer, used only for selection, never in the weights) is updated once per optimiser step
+    (:meth:`update_after_step`) by ``bias += bias_update_rate * sign(mean load - load_e)``, the
+    loads counted over every training forward since the last step (micro-batches of gradient
+    accumulation included) and summed over all ranks, so every rank holds the same bias and an
+    overloaded expert becomes less attractive. ``bias_update_rate=0`` disables it.
 
     Args:
         dim: input feature size.
@@ -50,9 +53,26 @@ class SigmoidRouter(Router):
         self.normalize = bool(normalize)
         self.bias_update_rate = _require_float("bias_update_rate", bias_update_rate)
         self.register_buffer("bias", torch.zeros(num_experts))
+        # A plain attribute, not a buffer: DDP broadcasts buffers from rank 0 before each forward,
+        # which would overwrite the other ranks' counts. It is zero at every step boundary, which is
+        # where checkpoints are taken.
+        self.pending_load: Tensor | None = None
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, k={self.k}, bias_update_rate={self.bias_update_rate}"
+
+    @torch.no_grad()
+    def update_after_step(self) -> None:
+        """One loss-free balancing step from the loads since the last one, summed over all ranks
+        (every rank calls this at the same optimiser step); then the counts restart."""
+        if self.bias_update_rate == 0:
+            return
+        load = self.pending_load if self.pending_load is not None else self.bias.new_zeros(self.num_experts)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(load)
+        if load.sum() > 0:  # no training forward since the last step on any rank: nothing to balance
+            self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+        self.pending_load = None
 
     def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
         """Route x: (tokens, dim)."""
@@ -69,7 +89,7 @@ class SigmoidRouter(Router):
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
                 load = torch.bincount(expert, minlength=num_experts).float()
-                self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
+                self.pending_load = load if self.pending_load is None else self.pending_load + load
         share = scores / scores.sum(dim=-1, keepdim=True)
         return finish_routing(
             token,

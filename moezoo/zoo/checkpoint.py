@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,9 +18,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from moezoo.layers.expert_parallel import expert_shards, localize_expert_state
+
 __all__ = [
     "CheckpointError",
+    "StateDictAdapter",
     "load_checkpoint",
+    "load_state",
     "read_state_dict",
     "save_checkpoint",
     "sha256_of",
@@ -85,25 +90,24 @@ def read_state_dict(path: str | os.PathLike, *, sha256: str | None = None, entry
         raise CheckpointError(f"checkpoint for {where}: not a readable safetensors file ({err})") from err
 
 
-def load_checkpoint(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    sha256: str | None = None,
-    entry: str | None = None,
-    strict: bool = True,
-) -> nn.Module:
-    """Load weights into ``model`` all-or-nothing.
+@dataclass(frozen=True)
+class StateDictAdapter:
+    """A foreign checkpoint layout, converted at the I/O boundary (never in module hooks).
 
-    Raises:
-        CheckpointError: on a hash mismatch, an unreadable or truncated file, missing or
-            unexpected keys (with ``strict``), or a shape mismatch; the model is left unchanged.
+    Attributes:
+        name: the layout, for messages (e.g. "Time-MoE reference").
+        to_foreign: a model's own state dict -> the same weights in the foreign names and shapes.
+        from_foreign: the inverse.
     """
-    state = read_state_dict(path, sha256=sha256, entry=entry)
-    where = _describe(entry, _weights_file(Path(path)))
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+
+    name: str
+    to_foreign: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+    from_foreign: Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _check_against(state: Mapping[str, Tensor], expected: Mapping[str, Tensor], where: str, strict: bool) -> None:
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
     if strict and (missing or unexpected):
         raise CheckpointError(
             f"checkpoint for {where} does not match the model: missing keys {missing[:20]}"
@@ -111,14 +115,64 @@ def load_checkpoint(
             f"{' ...' if len(unexpected) > 20 else ''}"
         )
     wrong = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
     ]
     if wrong:
         raise CheckpointError(f"checkpoint for {where}: shape mismatch for {wrong[:20]}")
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor], *, where: str = "state dict", strict: bool = True,
+               adapter: StateDictAdapter | None = None) -> nn.Module:
+    """Load an in-memory state dict into ``model`` all-or-nothing: keys and shapes are checked
+    before the model is touched.
+
+    Args:
+        where: what the state came from, for messages.
+        adapter: a foreign layout the state may be in. The state is checked in the layout whose
+            keys it shares most (the model's own, or the adapter's, so that errors name the keys as
+            the file has them) and converted to the model's own before loading.
+
+    A state holds all E experts of every expert bank; a model whose banks are sharded (expert
+    parallelism) keeps its shard of them, at any expert-parallel size.
+
+    Raises:
+        CheckpointError: missing or unexpected keys (with ``strict``) or a shape mismatch.
+    """
+    own = model.state_dict()
+    if adapter is not None:
+        foreign = adapter.to_foreign(own)
+        if len(set(state) & set(foreign)) > len(set(state) & set(own)):
+            _check_against(state, foreign, f"{where} ({adapter.name} layout)", strict)
+            state = adapter.from_foreign(dict(state))
+    if expert_shards(model):  # checkpoints hold every expert; an expert-parallel rank keeps its shard
+        try:
+            state = localize_expert_state(model, dict(state))
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint for {where}: {err}") from err
+    _check_against(state, own, where, strict)
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    entry: str | None = None,
+    strict: bool = True,
+    adapter: StateDictAdapter | None = None,
+) -> nn.Module:
+    """Load weights from a file into ``model`` all-or-nothing (see :func:`load_state`).
+
+    Raises:
+        CheckpointError: on a hash mismatch, an unreadable or truncated file, missing or
+            unexpected keys (with ``strict``), or a shape mismatch; the model is left unchanged.
+    """
+    state = read_state_dict(path, sha256=sha256, entry=entry)
+    return load_state(model, state, where=_describe(entry, _weights_file(Path(path))), strict=strict, adapter=adapter)
 
 
 def save_checkpoint(model_or_state: nn.Module | Mapping[str, Tensor], path: str | os.PathLike,

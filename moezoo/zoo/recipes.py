@@ -51,15 +51,12 @@ class LoadWeights(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from moezoo.zoo.checkpoint import load_checkpoint
-        from moezoo.zoo.registry import get_entry
+        from moezoo.zoo.registry import load_pretrained
 
         if self.checkpoint is not None:
             load_checkpoint(_model(pl_module), self.checkpoint)
-            return
-        cfg = get_entry(self.entry).pretrained_cfg
-        if cfg is None:
-            raise ValueError(f"LoadWeights: zoo entry {self.entry!r} has no pretrained weights")
-        load_checkpoint(_model(pl_module), cfg.resolve(), sha256=cfg.sha256, entry=self.entry)
+        else:
+            load_pretrained(_model(pl_module), self.entry)
 
 
 class FreezeMoE(Callback):

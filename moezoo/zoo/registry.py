@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import nn
 
-from moezoo.zoo.checkpoint import CheckpointError, load_checkpoint
+from moezoo.zoo.checkpoint import CheckpointError, StateDictAdapter, load_checkpoint
 
 __all__ = [
     "ModelEntry",
@@ -26,6 +26,7 @@ __all__ = [
     "export_model",
     "get_entry",
     "list_models",
+    "load_pretrained",
     "register_model",
     "shipped_weights",
 ]
@@ -99,6 +100,8 @@ class ModelEntry:
     Attributes:
         evaluate: ``"module:function"`` taking the model and returning its headline metrics.
         card: model-card information (license, tags, datasets, config, architecture, limitations).
+        checkpoint_adapter: converts a foreign checkpoint layout (e.g. the upstream one of public
+            weights) into the model's state-dict names, at load time (timm's ``pretrained_filter_fn``).
     """
 
     name: str
@@ -109,6 +112,7 @@ class ModelEntry:
     description: str = ""
     evaluate: str | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    checkpoint_adapter: StateDictAdapter | None = None
 
     def evaluator(self) -> Callable[[nn.Module], dict[str, float]]:
         if self.evaluate is None:
@@ -160,13 +164,14 @@ def register_model(
     description: str = "",
     evaluate: str | None = None,
     card: dict[str, Any] | None = None,
+    checkpoint_adapter: StateDictAdapter | None = None,
     **default_args: Any,
 ) -> ModelEntry:
     """Register ``name`` -> ``builder(**default_args)``; a second registration of a name raises."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     entry = ModelEntry(name, builder, modality, dict(default_args), pretrained_cfg, description, evaluate,
-                       dict(card or {}))
+                       dict(card or {}), checkpoint_adapter)
     _REGISTRY[name] = entry
     return entry
 
@@ -223,17 +228,24 @@ def create_model(
     entry = get_entry(name)
     model = entry.builder(**{**entry.default_args, **overrides})
     if checkpoint_path is not None:
-        load_checkpoint(model, checkpoint_path, entry=name)
+        load_checkpoint(model, checkpoint_path, entry=name, adapter=entry.checkpoint_adapter)
     elif pretrained:
-        cfg = entry.pretrained_cfg
-        if cfg is None:
-            raise CheckpointError(f"model {name!r} has no pretrained weights; see list_models(pretrained=True)")
-        load_checkpoint(model, cfg.resolve(), sha256=cfg.sha256, entry=name)
+        load_pretrained(model, name)
     if entry.pretrained_cfg is not None:
         model.pretrained_cfg = entry.pretrained_cfg
     model.moezoo_entry = name
     model.moezoo_args = dict(overrides)
     return model
+
+
+def load_pretrained(model: nn.Module, name: str) -> nn.Module:
+    """Load zoo entry ``name``'s published weights into ``model`` (fetched if needed, hash-checked,
+    through the entry's checkpoint adapter), all-or-nothing."""
+    entry = get_entry(name)
+    cfg = entry.pretrained_cfg
+    if cfg is None:
+        raise CheckpointError(f"model {name!r} has no pretrained weights; see list_models(pretrained=True)")
+    return load_checkpoint(model, cfg.resolve(), sha256=cfg.sha256, entry=name, adapter=entry.checkpoint_adapter)
 
 
 def export_model(model: nn.Module, directory: str | os.PathLike, *, card: str | None = None) -> Path:

@@ -39,7 +39,7 @@ def release(name: str, checkpoint: str | os.PathLike, *, dtype: str = "float16",
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     entry = get_entry(name)
     model = entry.builder(**entry.default_args)
-    load_checkpoint(model, checkpoint, entry=name)
+    load_checkpoint(model, checkpoint, entry=name, adapter=entry.checkpoint_adapter)
     state = {k: v.to(_DTYPES[dtype]) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     target = save_checkpoint(state, WEIGHTS_DIR / f"{name}.safetensors", metadata={"entry": name, "dtype": dtype})
     digest = sha256_of(target)
@@ -50,7 +50,7 @@ def release(name: str, checkpoint: str | os.PathLike, *, dtype: str = "float16",
 
     # Evaluate exactly what ships: the stored (rounded) weights, checked against their hash.
     shipped = entry.builder(**entry.default_args)
-    load_checkpoint(shipped, target, sha256=digest, entry=name)
+    load_checkpoint(shipped, target, sha256=digest, entry=name, adapter=entry.checkpoint_adapter)
     metrics = entry.evaluator()(shipped)
     record = {
         "entry": name,

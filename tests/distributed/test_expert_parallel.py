@@ -34,10 +34,34 @@ def make_router(case: str, dim: int, experts: int):
     return ExpertChoiceRouter(dim, experts, capacity_factor=2.0)
 
 
-def _worker(rank: int, world: int, port: int, case: str, size: int) -> None:
+def _init(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _assert_grads_match(model, single, sharded: set[str], groups) -> None:
+    """Replicated parameters: the rank's own gradient. Expert shards: the gradient that the
+    expert-parallel group's tokens give the single-process model, cut to this rank's shard."""
+    from moezoo.layers.expert_parallel import expert_shards
+
+    shards = expert_shards(model)
+    reference = dict(single.named_parameters())
+    for name, p in model.named_parameters():
+        expected = reference[name].grad
+        if name in sharded:
+            expected = expected.clone()
+            dist.all_reduce(expected, group=groups.group)  # the experts see their group's tokens
+            start, count, _ = shards[name]
+            expected = expected[start : start + count]
+        if p.grad is None:
+            assert expected is None or not expected.any(), name
+            continue
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def _worker(rank: int, world: int, port: int, case: str, size: int) -> None:
+    _init(rank, world, port)
     try:
         from moezoo.layers import MoE
         from moezoo.layers.expert_parallel import init_expert_parallel, shard_experts
@@ -89,27 +113,97 @@ def test_expert_parallel_composes_with_data_parallel_replicas():
     mp.spawn(_worker, args=(4, free_port(), "top2", 2), nprocs=4, join=True)
 
 
+def _family_worker(rank: int, world: int, port: int, family: str) -> None:
+    _init(rank, world, port)
+    try:
+        from moezoo.layers.expert_parallel import expert_banks, init_expert_parallel, shard_experts
+        from tests.distributed.families import FAMILIES
+
+        build, objective = FAMILIES[family]
+        groups = init_expert_parallel(world)
+        for capacity in (False, True):
+            torch.manual_seed(0)
+            model = build(capacity).train()
+            single = copy.deepcopy(model)
+            torch.manual_seed(7 + rank)  # router noise: the same draws in both runs
+            expected = objective(single, rank)
+            expected.backward()
+            sharded = set(shard_experts(model, groups))
+            assert all(bank.num_local_experts == bank.num_experts // world for _, bank in expert_banks(model))
+            torch.manual_seed(7 + rank)
+            loss = objective(model, rank)
+            loss.backward()
+            torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+            _assert_grads_match(model, single, sharded, groups)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["vmoe", "soft_moe", "limoe", "time_moe", "speech_moe", "sigma_moe_lm"])
+def test_every_family_expert_parallel_equals_single_process(family):
+    """Outputs (the objective) and every gradient on 2 gloo processes, token dropping on and off."""
+    mp.spawn(_family_worker, args=(2, free_port(), family), nprocs=2, join=True)
+
+
+def _fsdp_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from moezoo.layers.expert_parallel import init_expert_parallel, shard_experts
+        from tests.distributed.families import FAMILIES
+
+        build, objective = FAMILIES["vmoe"]
+        torch.manual_seed(0)
+        model = build(True).train()
+        single = copy.deepcopy(model)
+        for r in range(world):  # one process on the union of the ranks' batches: the mean gradient
+            torch.manual_seed(7 + r)
+            (objective(single, r) / world).backward()
+        groups = init_expert_parallel(world)
+        sharded = set(shard_experts(model, groups))
+        experts = [p for n, p in model.named_parameters() if n in sharded]
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.blocks:  # as MoETask.configure_model: expert shards stay whole
+            fully_shard(block, mesh=mesh, ignored_params=set(experts))
+        fully_shard(model, mesh=mesh, ignored_params=set(experts))
+        torch.manual_seed(7 + rank)
+        objective(model, rank).backward()
+        for p in experts:  # what ExpertParallel does before the optimiser step
+            p.grad.div_(world)
+        from moezoo.layers.expert_parallel import expert_shards
+
+        shards = expert_shards(model)
+        reference = dict(single.named_parameters())
+        for name, p in model.named_parameters():
+            grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            expected = reference[name].grad
+            if name in shards:
+                start, count, _ = shards[name]
+                expected = expected[start : start + count]
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_expert_parallel_with_fsdp2_equals_single_process():
+    mp.spawn(_fsdp_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
 FIT = ["--trainer.max_steps", "3", "--trainer.limit_val_batches", "2", "--trainer.num_sanity_val_steps", "0",
        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
        "--trainer.devices", "2"]
 
 
-def run_fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_fit(tmp_path: Path, config: str, *extra: str) -> subprocess.CompletedProcess:
+    """``moezoo fit --config config`` on 2 CPU processes; ``extra`` overrides the defaults above."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     return subprocess.run(
-        [sys.executable, "-m", "moezoo.cli", "fit", *extra, *FIT, "--trainer.default_root_dir", str(tmp_path)],
+        [sys.executable, "-m", "moezoo.cli", "fit", "--config", str(ROOT / config), *FIT,
+         "--trainer.default_root_dir", str(tmp_path), *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-
-
-def test_two_process_fit_with_expert_parallelism(tmp_path):
-    # With clipping by norm, which expert parallelism computes over the whole model (see the next test).
-    result = run_fit(tmp_path, "--config", str(ROOT / "configs/vision/vmoe_ti_digits_expert_parallel.yaml"),
-                     "--trainer.gradient_clip_val", "0.5")
-    assert result.returncode == 0, result.stderr[-4000:]
-    checkpoint = next(tmp_path.rglob("*.ckpt"))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    assert state["model.blocks.1.mlp.experts.w_in"].shape[0] == 8  # gathered: all experts
 
 
 STRATEGIES = {
@@ -137,10 +231,66 @@ TASK_CONFIGS = {
 @pytest.mark.parametrize("config", sorted(TASK_CONFIGS), ids=lambda c: Path(c).stem)
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_two_process_fit_under_lightning_strategies(tmp_path, strategy, config):
-    result = run_fit(tmp_path, "--config", str(ROOT / config), "--trainer.logger", "false",
-                     *STRATEGIES[strategy], "--trainer.enable_checkpointing", "false", *TASK_CONFIGS[config])
+    result = run_fit(tmp_path, config, *STRATEGIES[strategy], "--trainer.enable_checkpointing", "false", *TASK_CONFIGS[config])
     assert result.returncode == 0, result.stderr[-4000:]
     assert "`Trainer.fit` stopped: `max_steps=3` reached" in result.stderr + result.stdout
+
+
+#: The shipped tiny entries' configs, with the data made small where the config's is slow to build.
+SHIPPED_CONFIGS = {
+    "configs/vision/vmoe_ti_digits.yaml": [],
+    "configs/language_image/limoe_ti_glyphs.yaml": [],
+    "configs/timeseries/time_moe_tiny.yaml": TASK_CONFIGS["configs/timeseries/time_moe_tiny.yaml"],
+    "configs/speech/speechmoe_tiny_espeak.yaml": [],
+    "configs/text/lm_sigma_moe_pydoc.yaml": [],
+}
+EXPERT_PARALLEL = ["--trainer.strategy", "ddp", "--trainer.callbacks+=moezoo.distributed.ExpertParallel",
+                   "--trainer.callbacks.size", "2"]
+
+
+def _checkpoints_every_2_steps(folder: Path) -> list[str]:
+    return ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", "--trainer.callbacks.dirpath",
+            str(folder), "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.save_top_k", "-1",
+            "--trainer.callbacks.filename", "{step}"]
+
+
+def _fit_4_steps(folder: Path, config: str, *extra: str) -> subprocess.CompletedProcess:
+    return run_fit(folder, config, *SHIPPED_CONFIGS[config], *EXPERT_PARALLEL,
+                   *_checkpoints_every_2_steps(folder / "ckpt"), "--trainer.max_steps", "4",
+                   "--trainer.limit_val_batches", "0", "--trainer.gradient_clip_val", "0.5", *extra)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("config", [pytest.param(c, marks=[] if "vmoe" in c else pytest.mark.slow)
+                                    for c in SHIPPED_CONFIGS], ids=lambda c: Path(c).stem)
+def test_expert_parallel_fit_resumes_bit_identically_and_loads_in_one_process(tmp_path, config):
+    """2 processes, DDP x expert parallelism P=2, clipping by norm: a run resumed from its step-2
+    checkpoint ends with the same weights, optimiser state and routing biases as the unbroken run;
+    its checkpoints hold every expert and load into a single-process model."""
+    unbroken = _fit_4_steps(tmp_path / "a", config)
+    assert unbroken.returncode == 0, unbroken.stderr[-4000:]
+    resumed = _fit_4_steps(tmp_path / "b", config, "--ckpt_path", str(tmp_path / "a" / "ckpt" / "step=2.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = _state(tmp_path / "a" / "ckpt" / "step=4.ckpt"), _state(tmp_path / "b" / "ckpt" / "step=4.ckpt")
+    assert a["global_step"] == b["global_step"] == 4
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for opt_a, opt_b in zip(a["optimizer_states"], b["optimizer_states"]):
+        for index, entry in opt_a["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(value, opt_b["state"][index][name]), (index, name)
+
+    from moezoo.cli import MoezooCLI
+    from moezoo.zoo import load_checkpoint
+
+    cli = MoezooCLI(args=["--config", str(ROOT / config), *SHIPPED_CONFIGS[config]], run=False)
+    single = cli.model.model
+    load_checkpoint(single, tmp_path / "a" / "ckpt" / "step=4.ckpt")  # every expert, one process
+    assert all(torch.equal(v, a["state_dict"]["model." + k]) for k, v in single.state_dict().items())
 
 
 def _clip_worker(rank: int, world: int, port: int, size: int) -> None:
@@ -193,3 +343,51 @@ def _clip_worker(rank: int, world: int, port: int, size: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_expert_parallel_clips_by_the_whole_models_gradient_norm(world):
     mp.spawn(_clip_worker, args=(world, free_port(), 2), nprocs=world, join=True)
+
+
+def _bad_input_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    try:
+        from moezoo.distributed import ExpertParallel
+        from moezoo.layers import MLP, MoE
+        from moezoo.layers.expert_parallel import init_expert_parallel, shard_experts
+        from moezoo.routers import TopKRouter
+        from moezoo.zoo import CheckpointError, load_checkpoint, save_checkpoint
+
+        with pytest.raises(ValueError, match=r"world size 2 must be a multiple of the expert-parallel size P, got P=3"):
+            init_expert_parallel(3)
+        groups = init_expert_parallel(2)
+        model = torch.nn.Sequential(MoE(6, 8, 4), MoE(6, 8, 3, TopKRouter(6, 3, k=1)))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"1\.experts has E=3 experts, which P=2 ranks cannot split"):
+            shard_experts(model, groups)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing sharded
+        with pytest.raises(ValueError, match="MLP has no expert bank to shard"):
+            shard_experts(MLP(6, 8), groups)
+        with pytest.raises(ValueError, match=r"size must be an int >= 1, got 0"):
+            ExpertParallel(0)
+
+        sharded = torch.nn.Sequential(MoE(6, 8, 4))
+        shard_experts(sharded, groups)
+        other = torch.nn.Sequential(MoE(6, 8, 6, TopKRouter(6, 6)))  # a checkpoint of 6 experts
+        path = Path(os.environ["MOEZOO_TEST_DIR"]) / f"six_experts_{rank}.safetensors"
+        save_checkpoint(other, path)
+        kept = {k: v.clone() for k, v in sharded.state_dict().items()}
+        with pytest.raises(CheckpointError, match=r"0\.experts\.w_in holds 6 experts but the model's bank has E=4"):
+            load_checkpoint(sharded, path)
+        assert all(torch.equal(kept[k], v) for k, v in sharded.state_dict().items())  # failed load: no change
+
+        torch.manual_seed(3)  # a checkpoint written by one process (P=1) loads at P=2: each rank its shard
+        full = torch.nn.Sequential(MoE(6, 8, 4))
+        save_checkpoint(full, path)
+        load_checkpoint(sharded, path)
+        local = slice(2 * groups.rank, 2 * groups.rank + 2)
+        assert torch.equal(sharded[0].experts.w_in, full[0].experts.w_in[local])
+        assert torch.equal(sharded[0].router.gate.weight, full[0].router.gate.weight)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bad_expert_parallel_input_is_a_clear_error_and_a_one_process_checkpoint_loads_sharded(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEZOO_TEST_DIR", str(tmp_path))
+    mp.spawn(_bad_input_worker, args=(2, free_port()), nprocs=2, join=True)

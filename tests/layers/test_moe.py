@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from moezoo.layers import MLP, MoE, aux_loss, routed_layers, routing_stats
+from moezoo.layers import MLP, MoE, aux_loss, register_router_updates, routed_layers, routing_stats
 from moezoo.routers import BatchPrioritizedRouter, HashRouter, SigmoidRouter, TopKRouter
 
 
@@ -107,6 +107,7 @@ def _train_share_of_busiest_expert(router, weights, steps=200, seed=0):
         moe.router.gate.weight[0, 0] = 2.0
     teacher = nn.Sequential(nn.Linear(dim, 64), nn.Tanh(), nn.Linear(64, dim))
     opt = torch.optim.Adam(moe.parameters(), 1e-2)
+    register_router_updates(opt, moe)
     shares = []
     for _ in range(steps):
         x = torch.randn(256, dim)

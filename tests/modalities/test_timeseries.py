@@ -27,6 +27,7 @@ from moezoo.modalities.timeseries import (
     seasonal_naive,
     time_moe_balance_loss,
 )
+from moezoo.modalities.timeseries.convert import REFERENCE_LAYOUT, from_reference, to_reference
 from moezoo.modalities.timeseries.data import csv_borders
 from moezoo.zoo import CheckpointError, create_model, get_entry
 
@@ -98,7 +99,7 @@ def test_training_loss_matches_the_reference(reference_model, expected):
 
 # -- reference checkpoint layout --------------------------------------------------------------------
 
-def test_state_dict_uses_the_reference_key_names():
+def test_reference_adapter_writes_the_reference_key_names():
     model = TimeMoE(**TINY)
     expected = {"model.embed_layer.emb_layer.weight", "model.embed_layer.gate_layer.weight", "model.norm.weight"}
     expected |= {f"lm_heads.{j}.out_layer.weight" for j in range(3)}
@@ -109,8 +110,12 @@ def test_state_dict_uses_the_reference_key_names():
         expected |= {p + "ffn_layer.gate.weight", p + "ffn_layer.shared_expert_gate.weight"}
         expected |= {p + f"ffn_layer.shared_expert.{n}_proj.weight" for n in ("gate", "up", "down")}
         expected |= {p + f"ffn_layer.experts.{j}.{n}_proj.weight" for j in range(4) for n in ("gate", "up", "down")}
-    state = model.state_dict()
+    own = model.state_dict()
+    assert "model.layers.0.ffn_layer.experts.w_in" in own  # the module's state dict is its parameters
+    state = to_reference(own)
     assert set(state) == expected
+    assert from_reference(state).keys() == own.keys()
+    assert all(torch.equal(from_reference(state)[k], v) for k, v in own.items())
     assert state["model.layers.0.ffn_layer.experts.3.gate_proj.weight"].shape == (32, 32)  # 64 // k
     assert state["model.layers.0.ffn_layer.experts.3.down_proj.weight"].shape == (32, 32)
     assert state["model.layers.0.ffn_layer.shared_expert.up_proj.weight"].shape == (64, 32)
@@ -165,7 +170,7 @@ def test_missing_key_is_a_clear_error_and_changes_nothing(tmp_path):
     from moezoo.zoo import load_checkpoint
 
     with pytest.raises(CheckpointError, match="experts.2.up_proj"):
-        load_checkpoint(model, folder)
+        load_checkpoint(model, folder, adapter=REFERENCE_LAYOUT)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -280,12 +285,12 @@ def test_normalize_z_scores_with_the_unbiased_std_and_undoes_it():
 
 def test_dense_variant_uses_the_reference_names_and_has_no_aux_loss():
     model = TimeMoE(**{**TINY, "use_dense": True})
-    keys = set(model.state_dict())
+    keys = set(to_reference(model.state_dict()))
     assert "model.layers.0.ffn_layer.gate_proj.weight" in keys and "model.layers.0.ffn_layer.down_proj.weight" in keys
     assert not any("experts" in k for k in keys)
     out = model.loss(torch.randn(2, 12), torch.randn(2, 12))
     assert out.aux_loss is None and out.loss is out.ar_loss
-    model.load_state_dict(model.state_dict())
+    model.load_state_dict(from_reference(to_reference(model.state_dict())))
 
 
 # -- losses against independent formulas ----------------------------------------------------------------

@@ -216,6 +216,8 @@ def test_sigmoid_router_bias_steers_selection_not_weights():
     r = identity_router(R.SigmoidRouter, 3, k=1, bias_update_rate=0.25).train()
     first = r(x)
     assert first.expert.tolist() == [0] * 6
+    assert torch.equal(r.bias, torch.zeros(3))  # forwards only count; the optimiser step updates
+    r.update_after_step()
     # load (6, 0, 0), mean 2: bias becomes (-0.25, +0.25, +0.25)
     assert torch.allclose(r.bias, torch.tensor([-0.25, 0.25, 0.25]))
     second = r(x)

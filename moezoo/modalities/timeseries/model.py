@@ -14,11 +14,10 @@ shared expert) and numerically faithful to the reference (github Time-MoE/Time-M
   scaled by ``sigmoid(w . h)`` per token;
 - one linear head per horizon in ``horizon_lengths``: at position t, head h predicts x[t+1..t+h].
 
-The state dict is the reference's (its key names and shapes): the stacked expert weights are
-split into ``experts.<j>.{gate,up,down}_proj.weight`` when saving and stacked again when loading
-(see :func:`moe_to_reference` / :func:`moe_from_reference`), so a reference checkpoint loads with
-:func:`moezoo.zoo.checkpoint.load_checkpoint` and any moezoo checkpoint of this model is in the
-reference layout.
+The state dict is moezoo's (the stacked expert bank); :meth:`TimeMoE.from_pretrained` and
+:meth:`TimeMoE.save_pretrained` read and write the reference layout through the adapters of
+:mod:`moezoo.modalities.timeseries.convert`, so the public checkpoints load and the reference code
+loads what moezoo saves.
 """
 
 from __future__ import annotations
@@ -48,8 +47,6 @@ __all__ = [
     "RMSNorm",
     "TimeMoE",
     "TimeMoELoss",
-    "moe_from_reference",
-    "moe_to_reference",
 ]
 
 CONFIG_NAME = "config.json"
@@ -172,66 +169,6 @@ class InputEmbedding(nn.Module):
         return self.act(self.gate_layer(x)) * self.emb_layer(x)
 
 
-# -- the reference's key names for the FFN ---------------------------------------------------------
-
-def moe_to_reference(state: dict[str, Tensor], prefix: str, num_experts: int) -> None:
-    """Rewrite, in place, one :class:`~moezoo.layers.MoE` FFN's entries under ``prefix`` into the
-    reference ``TimeMoeSparseExpertsLayer`` names.
-
-    ``router.gate.weight`` -> ``gate.weight``; ``experts.w_in[j]`` (dim, 2H) = [gate | up] ->
-    ``experts.j.gate_proj.weight`` (H, dim) and ``experts.j.up_proj.weight``; ``experts.w_out[j]``
-    (H, dim) -> ``experts.j.down_proj.weight`` (dim, H); ``shared.fc1.weight`` (2S, dim) ->
-    ``shared_expert.{gate,up}_proj.weight``; ``shared.fc2.weight`` -> ``shared_expert.down_proj.weight``;
-    ``shared_gate.weight`` -> ``shared_expert_gate.weight``.
-    """
-    state[prefix + "gate.weight"] = state.pop(prefix + "router.gate.weight")
-    w_in, w_out = state.pop(prefix + "experts.w_in"), state.pop(prefix + "experts.w_out")
-    for j in range(num_experts):
-        gate, up = w_in[j].t().chunk(2, dim=0)
-        state[f"{prefix}experts.{j}.gate_proj.weight"] = gate
-        state[f"{prefix}experts.{j}.up_proj.weight"] = up
-        state[f"{prefix}experts.{j}.down_proj.weight"] = w_out[j].t()
-    _mlp_to_reference(state, prefix + "shared.", prefix + "shared_expert.")
-    state[prefix + "shared_expert_gate.weight"] = state.pop(prefix + "shared_gate.weight")
-
-
-def moe_from_reference(state: dict[str, Tensor], prefix: str, num_experts: int) -> None:
-    """The inverse of :func:`moe_to_reference`, in place. Does nothing unless every reference
-    entry is present, so an incomplete checkpoint is reported by the loader under the reference
-    names."""
-    needed = [prefix + "gate.weight", prefix + "shared_expert_gate.weight"]
-    needed += [f"{prefix}shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")]
-    needed += [f"{prefix}experts.{j}.{p}_proj.weight" for j in range(num_experts) for p in ("gate", "up", "down")]
-    if not all(key in state for key in needed):
-        return
-    state[prefix + "router.gate.weight"] = state.pop(prefix + "gate.weight")
-    w_in, w_out = [], []
-    for j in range(num_experts):
-        gate = state.pop(f"{prefix}experts.{j}.gate_proj.weight")
-        up = state.pop(f"{prefix}experts.{j}.up_proj.weight")
-        w_in.append(torch.cat([gate, up], dim=0).t())
-        w_out.append(state.pop(f"{prefix}experts.{j}.down_proj.weight").t())
-    state[prefix + "experts.w_in"] = torch.stack(w_in)
-    state[prefix + "experts.w_out"] = torch.stack(w_out)
-    _mlp_from_reference(state, prefix + "shared_expert.", prefix + "shared.")
-    state[prefix + "shared_gate.weight"] = state.pop(prefix + "shared_expert_gate.weight")
-
-
-def _mlp_to_reference(state: dict[str, Tensor], ours: str, theirs: str) -> None:
-    gate, up = state.pop(ours + "fc1.weight").chunk(2, dim=0)
-    state[theirs + "gate_proj.weight"], state[theirs + "up_proj.weight"] = gate, up
-    state[theirs + "down_proj.weight"] = state.pop(ours + "fc2.weight")
-
-
-def _mlp_from_reference(state: dict[str, Tensor], theirs: str, ours: str) -> None:
-    needed = [f"{theirs}{p}_proj.weight" for p in ("gate", "up", "down")]
-    if not all(key in state for key in needed):
-        return
-    gate, up = state.pop(needed[0]), state.pop(needed[1])
-    state[ours + "fc1.weight"] = torch.cat([gate, up], dim=0)
-    state[ours + "fc2.weight"] = state.pop(needed[2])
-
-
 class DecoderLayer(nn.Module):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; the FFN is an MoE (or a dense
     SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``."""
@@ -247,8 +184,6 @@ class DecoderLayer(nn.Module):
         self.router_logits: Tensor | None = None
         if use_dense:
             self.ffn_layer = MLP(dim, intermediate, activation, gated=True, bias=False)
-            self.ffn_layer.register_state_dict_post_hook(_dense_state_to_reference)
-            self.ffn_layer.register_load_state_dict_pre_hook(_dense_state_from_reference)
         else:
             self.ffn_layer = MoE(
                 dim, intermediate // k, num_experts, TopKRouter(dim, num_experts, k=k),
@@ -256,8 +191,6 @@ class DecoderLayer(nn.Module):
                 activation=activation, gated=True, bias=False, backend=backend,
             )
             self.ffn_layer.router.register_forward_hook(self._keep_router_logits)
-            self.ffn_layer.register_state_dict_post_hook(_moe_state_to_reference)
-            self.ffn_layer.register_load_state_dict_pre_hook(_moe_state_from_reference)
 
     def _keep_router_logits(self, module: nn.Module, args: Any, routing: Any) -> None:
         self.router_logits = routing.logits
@@ -266,22 +199,6 @@ class DecoderLayer(nn.Module):
         """x: (batch, n, dim) -> (batch, n, dim)."""
         x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, self.index)
         return x + self.ffn_layer(self.post_attention_layernorm(x))
-
-
-def _moe_state_to_reference(module: MoE, state: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
-    moe_to_reference(state, prefix, module.num_experts)
-
-
-def _moe_state_from_reference(module: MoE, state: dict[str, Tensor], prefix: str, *args: Any) -> None:
-    moe_from_reference(state, prefix, module.num_experts)
-
-
-def _dense_state_to_reference(module: MLP, state: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
-    _mlp_to_reference(state, prefix, prefix)
-
-
-def _dense_state_from_reference(module: MLP, state: dict[str, Tensor], prefix: str, *args: Any) -> None:
-    _mlp_from_reference(state, prefix, prefix)
 
 
 class TimeMoEBackbone(nn.Module):
@@ -603,6 +520,7 @@ class TimeMoE(nn.Module):
         raises a ``CheckpointError`` naming the reference keys. The parameters are float32 whatever
         the file's dtype (the public checkpoints are bfloat16); cast the model to change that.
         """
+        from moezoo.modalities.timeseries.convert import REFERENCE_LAYOUT
         from moezoo.zoo.checkpoint import load_checkpoint
 
         folder = Path(os.path.expanduser(str(path_or_hub_id)))
@@ -623,17 +541,18 @@ class TimeMoE(nn.Module):
         except json.JSONDecodeError as err:
             raise ValueError(f"TimeMoE.from_pretrained: {config_file} is not valid JSON ({err})") from err
         model = cls(**cls.config_from_dict(config, str(config_file)), backend=backend)
-        load_checkpoint(model, folder, entry=str(path_or_hub_id))
+        load_checkpoint(model, folder, entry=str(path_or_hub_id), adapter=REFERENCE_LAYOUT)
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``config.json`` and ``model.safetensors`` in the reference layout (loadable by
         :meth:`from_pretrained` and by the reference code)."""
+        from moezoo.modalities.timeseries.convert import to_reference
         from moezoo.zoo.checkpoint import save_checkpoint
 
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
         # transformers refuses safetensors files without the "format" metadata.
-        save_checkpoint(self, target, metadata={"format": "pt"})
+        save_checkpoint(to_reference(self.state_dict()), target, metadata={"format": "pt"})
         (target / CONFIG_NAME).write_text(json.dumps(self.reference_config(), indent=2, sort_keys=True) + "\n")
         return target

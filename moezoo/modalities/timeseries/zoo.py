@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from moezoo.modalities.timeseries.convert import REFERENCE_LAYOUT
 from moezoo.modalities.timeseries.model import TimeMoE
 from moezoo.zoo.registry import PretrainedCfg, register_model, shipped_weights
 
@@ -34,6 +35,7 @@ for size, dims in TIME_MOE_SIZES.items():
             "top-2 of 8 experts + gated shared expert, heads 1/8/32/64; pretrained on Time-300B"
         ),
         pretrained_cfg=PretrainedCfg(source=f"hf-hub:{hub_id}", input_spec=dict(_INPUT_SPEC)),
+        checkpoint_adapter=REFERENCE_LAYOUT,
         **_COMMON,
         **dims,
     )
@@ -58,6 +60,7 @@ register_model(
         input_spec={**_INPUT_SPEC, "trained_context": 512},
         card="model_cards/time_moe_tiny.md",
     ),
+    checkpoint_adapter=REFERENCE_LAYOUT,  # released in the reference layout, as the public checkpoints
     evaluate="moezoo.modalities.timeseries.evaluate:evaluate_zero_shot",
     card={
         "config": "configs/timeseries/time_moe_tiny.yaml",
