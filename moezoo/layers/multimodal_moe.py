@@ -30,8 +30,8 @@ class MultimodalMoE(RoutedLayer):
 
     Args:
         dim, hidden, num_experts: expert sizes.
-        router: a :class:`~moezoo.routers.BatchPrioritizedRouter` (or a factory for one), whose
-            ``capacity_groups`` splits the buffers; default V-MoE's, k=1.
+        router: a router with a capacity (or a factory for one), whose ``capacity_groups`` splits the
+            buffers per modality; default V-MoE's BPR router, k=1.
         entropy_thresholds: tau per modality for the global entropy loss (nats); absent = plain loss.
         activation, dropout, backend, bfloat16_dispatch: the experts (see
             :class:`~moezoo.layers.experts.Experts`).
@@ -57,8 +57,11 @@ class MultimodalMoE(RoutedLayer):
             router = BatchPrioritizedRouter(dim, num_experts, k=1)
         elif not isinstance(router, nn.Module):
             router = router(dim, num_experts)
-        if not isinstance(router, BatchPrioritizedRouter):
-            raise ValueError(f"MultimodalMoE needs a BatchPrioritizedRouter (per-modality capacity), got {type(router).__name__}")
+        if getattr(router, "capacity_factor", None) is None:
+            raise ValueError(
+                f"MultimodalMoE: the router must have a capacity (per-modality buffers), got {type(router).__name__} "
+                "with capacity_factor=None"
+            )
         self.router = router
         self.experts = Experts(dim, hidden, num_experts, activation, dropout=dropout, backend=backend,
                                bfloat16_dispatch=bfloat16_dispatch)

@@ -22,9 +22,8 @@ class BalancedAssignmentRouter(Router):
     Losses: none (balance is enforced, not encouraged).
     """
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim)."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
         if self.training:

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.routers.base import Router, _optional_capacity, _require_float, _require_int, finish_routing
+from moezoo.checks import require_float, require_int
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["BatchPrioritizedRouter"]
@@ -64,59 +65,32 @@ class BatchPrioritizedRouter(Router):
         normalize: bool = False,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(dim, num_experts, check_finite=check_finite)
-        self.k = _require_int("k", k)
-        if self.k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
-        self.noise_std = _require_float("noise_std", noise_std)
-        capacity = _optional_capacity("capacity_factor", capacity_factor)
-        if capacity is None:
-            raise ValueError("capacity_factor must be a number > 0, got None")
-        self.capacity_factor = capacity
-        self.eval_capacity_factor = _optional_capacity("eval_capacity_factor", eval_capacity_factor)
+        if capacity_factor is None:
+            raise ValueError(f"{type(self).__name__}: capacity_factor must be a number > 0, got None")
+        super().__init__(dim, num_experts, k, capacity_factor=capacity_factor,
+                         eval_capacity_factor=eval_capacity_factor, check_finite=check_finite)
+        name = type(self).__name__
+        self.noise_std = require_float(name, "noise_std", noise_std)
         self.batch_priority = bool(batch_priority)
-        self.group_size = None if group_size is None else _require_int("group_size", group_size)
-        self.capacity_multiple_of = capacity_multiple_of
+        self.group_size = None if group_size is None else require_int(name, "group_size", group_size)
+        self.capacity_multiple_of = None if capacity_multiple_of is None else require_int(
+            name, "capacity_multiple_of", capacity_multiple_of, low=0)
         if priority not in _PRIORITIES:
-            raise ValueError(f"priority must be one of {_PRIORITIES}, got {priority!r}")
+            raise ValueError(f"{name}: priority must be one of {_PRIORITIES}, got {priority!r}")
         self.priority = priority
         self.normalize = bool(normalize)
 
     def extra_repr(self) -> str:
         return (
-            f"{super().extra_repr()}, k={self.k}, noise_std={self.noise_std}, "
-            f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}, "
+            f"{super().extra_repr()}, noise_std={self.noise_std}, eval_capacity_factor={self.eval_capacity_factor}, "
             f"batch_priority={self.batch_priority}, group_size={self.group_size}"
         )
 
-    def current_capacity_factor(self) -> float:
-        if not self.training and self.eval_capacity_factor is not None:
-            return self.eval_capacity_factor
-        return self.capacity_factor
-
-    def _assign(self, probs: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        num_tokens, num_experts = probs.shape
-        capacity = RF.expert_capacity(
-            group_size,
-            num_experts,
-            self.k,
-            self.current_capacity_factor(),
-            multiple_of=self.capacity_multiple_of,
-        )
-        priority: bool | Tensor = self.batch_priority
-        if self.batch_priority and self.priority == "sum":
-            priority = RF.top_k(probs, self.k)[0].sum(dim=1)
-        return RF.top_k_assign(probs, self.k, capacity, priority, group_size=group_size)
-
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None,
-                capacity_groups: list[int] | None = None) -> Routing:
-        """Route x: (tokens, dim); tokens are grouped consecutively.
-
-        ``capacity_groups`` (sizes of consecutive token blocks, summing to the tokens) splits only the
-        expert buffers: each block gets its own capacity and priority order (LIMoE: per modality),
-        while the tokens form one routing group for the auxiliary losses. It replaces ``group_size``.
-        """
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
+        """Tokens are grouped consecutively. ``capacity_groups`` splits only the expert buffers: each
+        block gets its own capacity and priority order (LIMoE: per modality), while the tokens form
+        one routing group for the auxiliary losses. It replaces ``group_size``."""
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
         sigma = self.noise_std / num_experts
@@ -124,25 +98,16 @@ class BatchPrioritizedRouter(Router):
         dispatch_logits = logits + sigma * torch.randn_like(logits) if noisy else logits
         probs = torch.softmax(dispatch_logits, dim=-1)
 
+        priority: bool | Tensor = self.batch_priority
+        if self.batch_priority and self.priority == "sum":
+            priority = RF.top_k(probs, self.k)[0].sum(dim=1)
+        token, expert, weight = self.assign(probs, capacity_groups=capacity_groups, group_size=self.group_size,
+                                            priority=priority, capacity_multiple_of=self.capacity_multiple_of)
         if capacity_groups is not None:
-            if sum(capacity_groups) != num_tokens or min(capacity_groups, default=0) < 1:
-                raise ValueError(
-                    f"capacity_groups must be positive sizes summing to the {num_tokens} tokens, got {capacity_groups}"
-                )
             group = full = num_tokens  # one routing group for the losses
-            pieces, start = [], 0
-            for size in capacity_groups:
-                t, e, w = self._assign(probs[start : start + size], size)
-                pieces.append((t + start, e, w))
-                start += size
-            token, expert, weight = (torch.cat(parts) for parts in zip(*pieces))
         else:
-            group = min(self.group_size or num_tokens, num_tokens) or 1
+            group = min(self.group_size or num_tokens, num_tokens)
             full = (num_tokens // group) * group
-            token, expert, weight = self._assign(probs[:full], group)
-            if full < num_tokens:
-                t2, e2, w2 = self._assign(probs[full:], num_tokens - full)
-                token, expert, weight = torch.cat([token, t2 + full]), torch.cat([expert, e2]), torch.cat([weight, w2])
 
         def per_group(t: Tensor) -> list[Tensor]:
             parts = [t[:full].view(-1, group, num_experts)] if full else []

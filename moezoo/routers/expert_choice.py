@@ -7,7 +7,7 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.routers.base import Router, _optional_capacity, finish_routing
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["ExpertChoiceRouter"]
@@ -38,25 +38,20 @@ class ExpertChoiceRouter(Router):
         eval_capacity_factor: float | None = None,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(dim, num_experts, check_finite=check_finite)
-        factor = _optional_capacity("capacity_factor", capacity_factor)
-        if factor is None:
-            raise ValueError("capacity_factor must be a number > 0, got None")
-        self.capacity_factor = factor
-        self.eval_capacity_factor = _optional_capacity("eval_capacity_factor", eval_capacity_factor)
+        if capacity_factor is None:
+            raise ValueError(f"{type(self).__name__}: capacity_factor must be a number > 0, got None")
+        super().__init__(dim, num_experts, capacity_factor=capacity_factor,
+                         eval_capacity_factor=eval_capacity_factor, check_finite=check_finite)
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, capacity_factor={self.capacity_factor}"
+    def check_capacity_groups(self, capacity_groups: list[int], num_tokens: int) -> None:
+        raise ValueError(f"{type(self).__name__}: experts choose among all tokens; capacity_groups is not supported")
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim)."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
         probs = torch.softmax(logits, dim=-1)
-        factor = self.capacity_factor
-        if not self.training and self.eval_capacity_factor is not None:
-            factor = self.eval_capacity_factor
+        factor = self.current_capacity_factor()
         capacity = min(RF.expert_capacity(num_tokens, num_experts, 1, factor), num_tokens)
         token, expert, weight = RF.expert_choice_assign(probs, capacity)
         return finish_routing(

@@ -17,6 +17,7 @@ __all__ = [
     "balanced_assignment",
     "expert_capacity",
     "expert_choice_assign",
+    "sigmoid_top_k",
     "sinkhorn",
     "soft_moe_weights",
     "top_k",
@@ -72,6 +73,40 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(values, indices) of the k largest along the last dim, ties to the lower index (as ``jax.lax.top_k``)."""
     values, index = torch.sort(scores, dim=-1, descending=True, stable=True)
     return values[..., :k], index[..., :k]
+
+
+def sigmoid_top_k(scores: Tensor, k: int, *, selection_bias: Tensor | None = None, dropout: float = 0.0,
+                  dropped: str = "zero") -> tuple[Tensor, Tensor, Tensor]:
+    """Non-competitive top-k on sigmoid scores (σ-MoE, SwitchHead, DeepSeek-V3): each token takes
+    the k experts with the highest ``scores + selection_bias``; the weights are the scores.
+
+    Args:
+        scores: (tokens, experts) ``sigmoid(logits)``.
+        k: experts per token.
+        selection_bias: optional (experts,) added for the choice only (loss-free balancing).
+        dropout: probability of dropping each (token, expert) before the top-k (pass 0 outside
+            training).
+        dropped: what a dropped pair is: ``"zero"``, its score is 0 in the choice and in the weight
+            (σ-MoE's expert dropout); ``"exclude"``, it cannot be chosen unless fewer than k survive,
+            and keeps its score as weight (SwitchHead's).
+
+    Returns:
+        token, expert, weight: (tokens * k,) each, choice-major; ``weight`` differentiable.
+    """
+    if dropped not in ("zero", "exclude"):
+        raise ValueError(f"dropped must be 'zero' or 'exclude', got {dropped!r}")
+    select = scores.detach()
+    if dropout > 0:
+        drop = torch.rand_like(scores) < dropout
+        if dropped == "zero":
+            scores = scores.masked_fill(drop, 0.0)
+            select = scores.detach()
+        else:
+            select = select.masked_fill(drop, float("-inf"))
+    if selection_bias is not None:
+        select = select + selection_bias
+    token, expert, _ = top_k_assign(select, k)
+    return token, expert, scores[token, expert]
 
 
 def _rank_within_key(key: Tensor, num_keys: int) -> Tensor:
@@ -164,6 +199,8 @@ def top_k_assign(
         kept[seq_token, seq_choice] = within
 
     # Choice-major flat order: (k, T).
+    if capacity is None and keep is None:  # every choice kept: no data-dependent shape (no host sync)
+        return token.t().reshape(-1), index.t().reshape(-1), values.t().reshape(-1)
     mask = kept.t().reshape(-1)
     return (
         token.t().reshape(-1)[mask],

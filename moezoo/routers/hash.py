@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from moezoo.routers.base import _require_int, finish_routing
+from moezoo.checks import require_int
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["HashRouter"]
@@ -24,7 +25,7 @@ def hash_to_expert(ids: Tensor, num_experts: int, seed: int = 0) -> Tensor:
     return h % num_experts
 
 
-class HashRouter(nn.Module):
+class HashRouter(Router):
     """Routes each token to one expert by a fixed hash, with weight 1; nothing is learned.
 
     Args:
@@ -37,29 +38,20 @@ class HashRouter(nn.Module):
     Losses: none.
     """
 
-    def __init__(self, dim: int, num_experts: int, *, key: str = "token", seed: int = 0) -> None:
-        super().__init__()
-        self.dim = _require_int("dim", dim)
-        self.num_experts = _require_int("num_experts", num_experts)
+    def __init__(self, dim: int, num_experts: int, *, key: str = "token", seed: int = 0,
+                 check_finite: bool = True) -> None:
+        super().__init__(dim, num_experts, gate=False, check_finite=check_finite)
         if key not in _KEYS:
-            raise ValueError(f"key must be one of {_KEYS}, got {key!r}")
+            raise ValueError(f"HashRouter: key must be one of {_KEYS}, got {key!r}")
         self.key = key
-        self.seed = _require_int("seed", seed, low=0)
+        self.seed = require_int("HashRouter", "seed", seed, low=0)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, num_experts={self.num_experts}, key={self.key}"
+        return f"{super().extra_repr()}, key={self.key}"
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim) by token_ids or positions, each (tokens,) int64."""
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"HashRouter: x must have shape (tokens, dim={self.dim}), got {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"HashRouter: x has no tokens (shape {tuple(x.shape)}); route at least one token")
-        if not x.is_floating_point():
-            raise ValueError(f"HashRouter: x must be a floating tensor, got dtype {x.dtype}")
-        # The choice ignores x, but NaN/inf would poison the experts: refuse it as the other routers do.
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError("HashRouter: x is not finite (NaN or inf in the input)")
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
+        """Route by token_ids or positions, each (tokens,) int64."""
         ids = token_ids if self.key == "token" else positions
         if ids is None:
             raise ValueError(

@@ -44,9 +44,10 @@ class MoARouter(TopKRouter):
                          check_finite=check_finite)
         nn.init.zeros_(self.gate.weight)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim); assignments are choice-major (every token's first choice, then
-        every token's second choice, ...), ``tokens * k`` of them."""
-        routing = super().forward(x, token_ids=token_ids, positions=positions)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
+        """Assignments are choice-major (every token's first choice, then every token's second
+        choice, ...), ``tokens * k`` of them."""
+        routing = super().route(x, token_ids=token_ids, positions=positions, capacity_groups=capacity_groups)
         routing.losses["cv"] = moa_cv_loss(routing.dense_weights())
         return routing

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from moezoo.routers import functional as RF
-from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.checks import require_float
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.losses import marginal_entropy_loss
 from moezoo.routers.routing import Routing
 
@@ -54,38 +55,29 @@ class SigmaMoERouter(Router):
 
     def __init__(self, dim: int, num_experts: int, k: int = 4, *, expert_dropout: float = 0.0,
                  check_finite: bool = True) -> None:
-        super().__init__(dim, num_experts, check_finite=check_finite)
-        self.k = _require_int("k", k)
-        if self.k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
-        self.expert_dropout = _require_float("expert_dropout", expert_dropout)
-        if self.expert_dropout >= 1.0:
-            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
+        super().__init__(dim, num_experts, k, check_finite=check_finite)
+        self.expert_dropout = require_float(type(self).__name__, "expert_dropout", expert_dropout, below=1.0)
         self.reset_parameters()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}, expert_dropout={self.expert_dropout}"
+        return f"{super().extra_repr()}, expert_dropout={self.expert_dropout}"
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         self.gate.weight.normal_(0.0, self.dim ** -0.5)
         renorm_keep_std_(self.gate.weight, dim=1)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim); assignments choice-major, ``tokens * k`` of them."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
+        """Assignments choice-major, ``tokens * k`` of them."""
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
-        scores = torch.sigmoid(logits)
-        if self.training and self.expert_dropout > 0:
-            scores = scores.masked_fill(torch.rand_like(scores) < self.expert_dropout, 0.0)
-        index = RF.top_k(scores.detach(), self.k)[1]
-        token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(index)
-        token, expert = token.t().reshape(-1), index.t().reshape(-1)
+        token, expert, weight = RF.sigmoid_top_k(torch.sigmoid(logits), self.k,
+                                                 dropout=self.expert_dropout if self.training else 0.0)
         return finish_routing(
             token,
             expert,
-            scores[token, expert],
+            weight,
             num_tokens=num_tokens,
             num_experts=num_experts,
             requested=num_tokens * self.k,

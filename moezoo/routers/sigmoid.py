@@ -8,7 +8,8 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.checks import require_float
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["SigmoidRouter"]
@@ -46,12 +47,9 @@ class SigmoidRouter(Router):
         bias_update_rate: float = 0.0,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(dim, num_experts, check_finite=check_finite)
-        self.k = _require_int("k", k)
-        if self.k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        super().__init__(dim, num_experts, k, check_finite=check_finite)
         self.normalize = bool(normalize)
-        self.bias_update_rate = _require_float("bias_update_rate", bias_update_rate)
+        self.bias_update_rate = require_float(type(self).__name__, "bias_update_rate", bias_update_rate)
         self.register_buffer("bias", torch.zeros(num_experts))
         # A plain attribute, not a buffer: DDP broadcasts buffers from rank 0 before each forward,
         # which would overwrite the other ranks' counts. It is zero at every step boundary, which is
@@ -59,7 +57,7 @@ class SigmoidRouter(Router):
         self.pending_load: Tensor | None = None
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k={self.k}, bias_update_rate={self.bias_update_rate}"
+        return f"{super().extra_repr()}, bias_update_rate={self.bias_update_rate}"
 
     @torch.no_grad()
     def update_after_step(self) -> None:
@@ -74,18 +72,14 @@ class SigmoidRouter(Router):
             self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.pending_load = None
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim)."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
         scores = torch.sigmoid(logits)
-        index = RF.top_k(scores.detach() + self.bias, self.k)[1]
-        token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(index)
-        token, expert = token.t().reshape(-1), index.t().reshape(-1)
-        weight = scores[token, expert]
+        token, expert, weight = RF.sigmoid_top_k(scores, self.k, selection_bias=self.bias)
         if self.normalize:
-            weight = weight / scores.gather(1, index).sum(dim=1)[token]
+            weight = weight / torch.zeros(num_tokens, device=x.device).index_add(0, token, weight)[token]
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
                 load = torch.bincount(expert, minlength=num_experts).float()
@@ -100,5 +94,6 @@ class SigmoidRouter(Router):
             requested=num_tokens * self.k,
             logits=logits,
             probs=share,
-            losses={"load_balancing": L.load_balancing_loss(share, index), "z_loss": L.z_loss(logits)},
+            losses={"load_balancing": L.load_balancing_loss(share, expert.view(self.k, num_tokens).t()),
+                    "z_loss": L.z_loss(logits)},
         )

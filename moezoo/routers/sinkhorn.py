@@ -7,7 +7,8 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.checks import require_float, require_int
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["SinkhornRouter"]
@@ -38,16 +39,12 @@ class SinkhornRouter(Router):
         tol: float = 1e-4,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(dim, num_experts, check_finite=check_finite)
-        self.k = _require_int("k", k)
-        if self.k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
-        self.num_iters = _require_int("num_iters", num_iters)
-        self.tol = _require_float("tol", tol)
+        super().__init__(dim, num_experts, k, check_finite=check_finite)
+        self.num_iters = require_int(type(self).__name__, "num_iters", num_iters)
+        self.tol = require_float(type(self).__name__, "tol", tol)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim)."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
         probs = torch.softmax(logits, dim=-1)
@@ -56,9 +53,7 @@ class SinkhornRouter(Router):
                 selection = RF.sinkhorn(logits, self.num_iters, self.tol)
         else:
             selection = probs.detach()
-        index = RF.top_k(selection, self.k)[1]
-        token = torch.arange(num_tokens, device=x.device).unsqueeze(1).expand_as(index)
-        token, expert = token.t().reshape(-1), index.t().reshape(-1)
+        token, expert, _ = RF.top_k_assign(selection, self.k)
         return finish_routing(
             token,
             expert,

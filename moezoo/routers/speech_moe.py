@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.routers import functional as RF
-from moezoo.routers.base import Router, _require_int, finish_routing
+from moezoo.checks import require_float, require_int
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.losses import mean_importance_loss, sparsity_l1_loss
 from moezoo.routers.routing import Routing
 
@@ -64,16 +65,13 @@ class SpeechMoERouter(Router):
         init_gain: float = 0.5,
         check_finite: bool = True,
     ) -> None:
-        layer_dim = _require_int("dim", dim)
-        self.embed_dim = _require_int("embed_dim", embed_dim)
-        self.global_dim = _require_int("global_dim", global_dim, low=0)
-        super().__init__(self.embed_dim + self.global_dim + layer_dim, num_experts, check_finite=check_finite)
+        name = type(self).__name__
+        layer_dim = require_int(name, "dim", dim)
+        self.embed_dim = require_int(name, "embed_dim", embed_dim)
+        self.global_dim = require_int(name, "global_dim", global_dim, low=0)
+        super().__init__(self.embed_dim + self.global_dim + layer_dim, num_experts, k, check_finite=check_finite)
         self.layer_dim = layer_dim
-        self.k = _require_int("k", k)
-        if self.k > num_experts:
-            raise ValueError(f"SpeechMoERouter: k must be <= num_experts={num_experts}, got k={k}")
-        if init_gain < 0:
-            raise ValueError(f"SpeechMoERouter: init_gain must be >= 0, got {init_gain}")
+        require_float(name, "init_gain", init_gain)
         # The gate maps (dim_in -> experts); Xavier's fan-in/fan-out are symmetric, so the layout of
         # nn.Linear's weight (experts, dim_in) gives the same bound as the reference's (dim_in, experts).
         if init_gain > 0:
@@ -100,9 +98,9 @@ class SpeechMoERouter(Router):
         parts.append(x)
         return torch.cat(parts, dim=-1)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
         """Route frames; ``x`` is the router input (frames, embed_dim + global_dim + dim)."""
-        self.check_input(x)
         logits = self.compute_logits(x)
         probs = torch.softmax(logits, dim=-1)
         token, expert, weight = RF.top_k_assign(probs, self.k)

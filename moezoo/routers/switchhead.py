@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from moezoo.routers import functional as RF
-from moezoo.routers.base import Router, _require_float, _require_int, finish_routing
+from moezoo.checks import require_float, require_int
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["SwitchHeadSelector", "renorm_rows_"]
@@ -52,16 +53,15 @@ class SwitchHeadSelector(Router):
 
     def __init__(self, dim: int, num_heads: int, num_experts: int, k: int = 2, *, expert_dropout: float = 0.0,
                  init_scale: float = 1.0, check_finite: bool = True) -> None:
-        self.num_heads = _require_int("num_heads", num_heads)
-        self.experts_per_head = _require_int("num_experts", num_experts)
+        name = type(self).__name__
+        self.num_heads = require_int(name, "num_heads", num_heads)
+        self.experts_per_head = require_int(name, "num_experts", num_experts)
         super().__init__(dim, num_heads * num_experts, check_finite=check_finite)
-        self.k = _require_int("k", k)
+        self.k = require_int(name, "k", k)
         if self.k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
-        self.expert_dropout = _require_float("expert_dropout", expert_dropout)
-        if self.expert_dropout >= 1.0:
-            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
-        self.reset_parameters(_require_float("init_scale", init_scale, strict=True))
+            raise ValueError(f"{name}: k must be <= num_experts={num_experts}, got k={k}")
+        self.expert_dropout = require_float(name, "expert_dropout", expert_dropout, below=1.0)
+        self.reset_parameters(require_float(name, "init_scale", init_scale, strict=True))
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_experts={self.experts_per_head}, k={self.k}, "
@@ -72,25 +72,20 @@ class SwitchHeadSelector(Router):
         self.gate.weight.normal_(0.0, init_scale / self.dim ** 0.5)
         renorm_rows_(self.gate.weight)
 
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim) -> assignments over ``tokens * heads`` rows; ``logits`` is
-        (tokens, heads * experts)."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
+        """Assignments over ``tokens * heads`` rows; ``logits`` is (tokens, heads * experts)."""
         logits = self.compute_logits(x)
         num_tokens = logits.shape[0]
         heads, experts = self.num_heads, self.experts_per_head
         scores = torch.sigmoid(logits).view(num_tokens * heads, experts)
-        select = scores.detach()
-        if self.training and self.expert_dropout > 0:
-            select = select.masked_fill(torch.rand_like(select) < self.expert_dropout, float("-inf"))
-        index = RF.top_k(select, self.k)[1]  # (tokens * heads, k)
-        row = torch.arange(num_tokens * heads, device=x.device).unsqueeze(1).expand_as(index)
-        row, local = row.t().reshape(-1), index.t().reshape(-1)
+        row, local, weight = RF.sigmoid_top_k(scores, self.k, dropout=self.expert_dropout if self.training else 0.0,
+                                              dropped="exclude")
         expert = (row % heads) * experts + local
         return finish_routing(
             row,
             expert,
-            scores[row, local],
+            weight,
             num_tokens=num_tokens * heads,
             num_experts=heads * experts,
             requested=num_tokens * heads * self.k,

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.routers.base import Router, _optional_capacity, _require_float, _require_int, finish_routing
+from moezoo.checks import require_float, require_int
+from moezoo.routers.base import Router, finish_routing
 from moezoo.routers.routing import Routing
 
 __all__ = ["TopKRouter"]
@@ -29,7 +30,7 @@ class TopKRouter(Router):
         normalize: with ``softmax_topk``, rescale each token's top-k probabilities to sum to 1.
         capacity_factor: training capacity C (places per expert ``ceil(k*tokens*C/E)``); beyond it
             assignments are dropped in token order, all first choices before second choices.
-            ``None``: no capacity, nothing dropped.
+            ``None``: no capacity, nothing dropped. ``capacity_groups`` gives blocks their own.
         eval_capacity_factor: C at evaluation; ``None`` uses ``capacity_factor``.
         capacity_multiple_of: round capacity up to this multiple.
         jitter: Switch's input jitter: in training, x is multiplied by U(1-jitter, 1+jitter).
@@ -59,41 +60,28 @@ class TopKRouter(Router):
         random_second: bool = False,
         check_finite: bool = True,
     ) -> None:
-        super().__init__(dim, num_experts, check_finite=check_finite)
-        self.k = _require_int("k", k)
-        if self.k > num_experts:
-            raise ValueError(f"k must be <= num_experts={num_experts}, got k={k}")
+        super().__init__(dim, num_experts, k, capacity_factor=capacity_factor,
+                         eval_capacity_factor=eval_capacity_factor, check_finite=check_finite)
+        name = type(self).__name__
         if order not in _ORDERS:
-            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+            raise ValueError(f"{name}: order must be one of {_ORDERS}, got {order!r}")
         if random_second and self.k != 2:
-            raise ValueError(f"random_second (GShard) needs k=2, got k={k}")
+            raise ValueError(f"{name}: random_second (GShard) needs k=2, got k={k}")
         self.order = order
         self.normalize = bool(normalize)
-        self.capacity_factor = _optional_capacity("capacity_factor", capacity_factor)
-        self.eval_capacity_factor = _optional_capacity("eval_capacity_factor", eval_capacity_factor)
-        self.capacity_multiple_of = capacity_multiple_of
-        self.jitter = _require_float("jitter", jitter)
-        if self.jitter >= 1:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        self.capacity_multiple_of = None if capacity_multiple_of is None else require_int(
+            name, "capacity_multiple_of", capacity_multiple_of)
+        self.jitter = require_float(name, "jitter", jitter, below=1.0)
         self.random_second = bool(random_second)
         self.noise = nn.Linear(dim, num_experts, bias=False) if noisy else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, k={self.k}, order={self.order}, normalize={self.normalize}, "
-            f"capacity_factor={self.capacity_factor}, noisy={self.noise is not None}"
-        )
+        return f"{super().extra_repr()}, order={self.order}, normalize={self.normalize}, noisy={self.noise is not None}"
 
-    def current_capacity_factor(self) -> float | None:
-        if not self.training and self.eval_capacity_factor is not None:
-            return self.eval_capacity_factor
-        return self.capacity_factor
-
-    def forward(self, x: Tensor, *, token_ids: Tensor | None = None, positions: Tensor | None = None) -> Routing:
-        """Route x: (tokens, dim)."""
-        self.check_input(x)
+    def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
+              capacity_groups: list[int] | None) -> Routing:
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.compute_logits(x)
@@ -116,13 +104,8 @@ class TopKRouter(Router):
             keep = torch.ones_like(top_index, dtype=torch.bool)
             keep[:, 1] = torch.rand_like(second) < 2.0 * second.detach()
 
-        factor = self.current_capacity_factor()
-        capacity = None
-        if factor is not None:
-            capacity = RF.expert_capacity(
-                num_tokens, num_experts, self.k, factor, multiple_of=self.capacity_multiple_of
-            )
-        token, expert, weight = RF.top_k_assign(probs, self.k, capacity, keep=keep)
+        token, expert, weight = self.assign(probs, capacity_groups=capacity_groups, keep=keep,
+                                            capacity_multiple_of=self.capacity_multiple_of)
 
         if self.order == "topk_softmax":
             # Mixtral: softmax over the selected logits only.
