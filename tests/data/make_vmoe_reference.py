@@ -361,7 +361,7 @@ def main() -> None:
                            "numpy": np.__version__, "platform": jax.default_backend(),
                            "vmoe_commit": VMOE_COMMIT}}
     out["meta"] = np.str_(json.dumps(meta, sort_keys=True))
-    np.savez(args.out, **out)
+    np.savez_compressed(args.out, **out)
     print(f"wrote {len(out)} arrays to {args.out}")
 
 
