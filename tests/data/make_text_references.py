@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from reference_shims import triton_single_autotune_config  # tests/data/, beside this script
 
 MOA_WEIGHTS = {"cv": 0.1, "switch": 0.01, "z": 0.001}
 MOA_GATE_STD = 0.7  # the zero-initialised gate would tie every top-k
@@ -80,15 +81,11 @@ def install_fairseq_shim() -> None:
 def install_triton_cpu_shims() -> None:
     """Let SwitchHead's Triton CVMM run in Triton's CPU interpreter, its kernels unchanged.
 
-    Its autograd function makes a sentinel with `.cuda()`: keep it on the CPU. The interpreter has
-    no GPU to benchmark autotune configs on, so keep only the last config (the config picks tile
-    sizes; it does not change the result).
+    Its autograd function makes a sentinel with `.cuda()`: keep it on the CPU; and one autotune
+    config per kernel (reference_shims.py says why).
     """
-    import triton
-
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    autotune = triton.autotune
-    triton.autotune = lambda configs, **kwargs: autotune(configs=configs[-1:], **kwargs)
+    triton_single_autotune_config()
 
 
 def arrays(named: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
