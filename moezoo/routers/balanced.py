@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from moezoo.routers import functional as RF
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["BalancedAssignmentRouter"]
@@ -32,14 +32,5 @@ class BalancedAssignmentRouter(Router):
             expert = RF.top_k(logits, 1)[1].squeeze(1)
         token = torch.arange(num_tokens, device=x.device)
         weight = torch.sigmoid(logits[token, expert])
-        return finish_routing(
-            token,
-            expert,
-            weight,
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=num_tokens,
-            logits=logits,
-            probs=torch.softmax(logits, dim=-1),
-            losses={},
-        )
+        return self.finish(token, expert, weight, num_tokens, logits=logits, probs=torch.softmax(logits, dim=-1),
+                           losses={})

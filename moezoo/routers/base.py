@@ -12,7 +12,7 @@ from moezoo.checks import require_int, require_optional_positive
 from moezoo.routers import functional as RF
 from moezoo.routers.routing import Routing
 
-__all__ = ["Router", "finish_routing", "routing_stats_from"]
+__all__ = ["Router", "routing_stats_from"]
 
 
 class Router(nn.Module, abc.ABC):
@@ -171,6 +171,17 @@ class Router(nn.Module, abc.ABC):
             return pieces[0]
         return tuple(torch.cat(parts) for parts in zip(*pieces))
 
+    def finish(self, token: Tensor, expert: Tensor, weight: Tensor, num_tokens: int, *, logits: Tensor | None,
+               probs: Tensor | None, losses: dict[str, Tensor], requested: int | None = None) -> Routing:
+        """The :class:`Routing` of (A,) assignments over ``num_tokens`` rows and this router's experts,
+        with the standard statistics; ``requested`` (assignments asked for before capacity)
+        defaults to ``num_tokens * k``."""
+        if requested is None:
+            requested = num_tokens * getattr(self, "k", 1)
+        stats = routing_stats_from(probs, token, expert, num_tokens, self.num_experts, requested)
+        return Routing(token=token, expert=expert, weight=weight, num_tokens=num_tokens, num_experts=self.num_experts,
+                       logits=logits, losses=losses, stats=stats)
+
     def update_after_step(self) -> None:
         """State that changes once per optimiser step, not per forward (e.g. loss-free balancing
         biases from the loads accumulated since the last step). Default: nothing."""
@@ -204,28 +215,3 @@ def routing_stats_from(
             p = probs.detach().float()
             stats["entropy"] = -(p * torch.log(p.clamp_min(1e-20))).sum(-1).mean()
     return stats
-
-
-def finish_routing(
-    token: Tensor,
-    expert: Tensor,
-    weight: Tensor,
-    *,
-    num_tokens: int,
-    num_experts: int,
-    requested: int,
-    logits: Tensor | None,
-    probs: Tensor | None,
-    losses: dict[str, Tensor],
-) -> Routing:
-    """Assemble a :class:`Routing` with the standard statistics."""
-    return Routing(
-        token=token,
-        expert=expert,
-        weight=weight,
-        num_tokens=num_tokens,
-        num_experts=num_experts,
-        logits=logits,
-        losses=losses,
-        stats=routing_stats_from(probs, token, expert, num_tokens, num_experts, requested),
-    )

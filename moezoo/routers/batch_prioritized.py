@@ -8,7 +8,7 @@ from torch import Tensor
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
 from moezoo.checks import require_float, require_int
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["BatchPrioritizedRouter"]
@@ -125,14 +125,5 @@ class BatchPrioritizedRouter(Router):
         losses = {"importance": group_mean(L.importance_loss, clean_probs)}
         if noisy:
             losses["load"] = group_mean(lambda a, b: L.load_loss(a, b, sigma, self.k), logits, dispatch_logits)
-        return finish_routing(
-            token,
-            expert,
-            weight,
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=num_tokens * self.k,
-            logits=logits,
-            probs=probs,
-            losses=losses,
-        )
+        return self.finish(token, expert, weight, num_tokens, logits=logits, probs=probs,
+                           losses=losses)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["ExpertChoiceRouter"]
@@ -54,14 +54,5 @@ class ExpertChoiceRouter(Router):
         factor = self.current_capacity_factor()
         capacity = min(RF.expert_capacity(num_tokens, num_experts, 1, factor), num_tokens)
         token, expert, weight = RF.expert_choice_assign(probs, capacity)
-        return finish_routing(
-            token,
-            expert,
-            weight,
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=token.numel(),
-            logits=logits,
-            probs=probs,
-            losses={"z_loss": L.z_loss(logits)},
-        )
+        return self.finish(token, expert, weight, num_tokens, logits=logits, probs=probs,
+                           losses={"z_loss": L.z_loss(logits)}, requested=token.numel())

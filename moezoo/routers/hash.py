@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from moezoo.checks import require_int
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["HashRouter"]
@@ -64,14 +64,5 @@ class HashRouter(Router):
         num_tokens = x.shape[0]
         expert = hash_to_expert(ids.to(x.device), self.num_experts, self.seed)
         token = torch.arange(num_tokens, device=x.device)
-        return finish_routing(
-            token,
-            expert,
-            x.new_ones(num_tokens, dtype=torch.float32),
-            num_tokens=num_tokens,
-            num_experts=self.num_experts,
-            requested=num_tokens,
-            logits=None,
-            probs=None,
-            losses={},
-        )
+        weight = x.new_ones(num_tokens, dtype=torch.float32)
+        return self.finish(token, expert, weight, num_tokens, logits=None, probs=None, losses={})

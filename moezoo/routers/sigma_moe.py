@@ -13,7 +13,7 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.checks import require_float
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.losses import marginal_entropy_loss
 from moezoo.routers.routing import Routing
 
@@ -74,14 +74,5 @@ class SigmaMoERouter(Router):
         num_tokens, num_experts = logits.shape
         token, expert, weight = RF.sigmoid_top_k(torch.sigmoid(logits), self.k,
                                                  dropout=self.expert_dropout if self.training else 0.0)
-        return finish_routing(
-            token,
-            expert,
-            weight,
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=num_tokens * self.k,
-            logits=logits,
-            probs=torch.softmax(logits, dim=-1),
-            losses={"entropy_reg": marginal_entropy_loss(logits)},
-        )
+        return self.finish(token, expert, weight, num_tokens, logits=logits, probs=torch.softmax(logits, dim=-1),
+                           losses={"entropy_reg": marginal_entropy_loss(logits)})

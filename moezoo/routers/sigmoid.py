@@ -9,7 +9,7 @@ from torch import Tensor
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
 from moezoo.checks import require_float
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["SigmoidRouter"]
@@ -85,15 +85,6 @@ class SigmoidRouter(Router):
                 load = torch.bincount(expert, minlength=num_experts).float()
                 self.pending_load = load if self.pending_load is None else self.pending_load + load
         share = scores / scores.sum(dim=-1, keepdim=True)
-        return finish_routing(
-            token,
-            expert,
-            weight,
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=num_tokens * self.k,
-            logits=logits,
-            probs=share,
-            losses={"load_balancing": L.load_balancing_loss(share, expert.view(self.k, num_tokens).t()),
-                    "z_loss": L.z_loss(logits)},
-        )
+        losses = {"load_balancing": L.load_balancing_loss(share, expert.view(self.k, num_tokens).t()),
+                  "z_loss": L.z_loss(logits)}
+        return self.finish(token, expert, weight, num_tokens, logits=logits, probs=share, losses=losses)

@@ -8,7 +8,7 @@ from torch import Tensor
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
 from moezoo.checks import require_float, require_int
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["SinkhornRouter"]
@@ -54,14 +54,5 @@ class SinkhornRouter(Router):
         else:
             selection = probs.detach()
         token, expert, _ = RF.top_k_assign(selection, self.k)
-        return finish_routing(
-            token,
-            expert,
-            probs[token, expert],
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=num_tokens * self.k,
-            logits=logits,
-            probs=probs,
-            losses={"z_loss": L.z_loss(logits)},
-        )
+        return self.finish(token, expert, probs[token, expert], num_tokens, logits=logits, probs=probs,
+                           losses={"z_loss": L.z_loss(logits)})

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from moezoo.routers import functional as RF
 from moezoo.checks import require_float, require_int
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.losses import mean_importance_loss, sparsity_l1_loss
 from moezoo.routers.routing import Routing
 
@@ -105,7 +105,5 @@ class SpeechMoERouter(Router):
         probs = torch.softmax(logits, dim=-1)
         token, expert, weight = RF.top_k_assign(probs, self.k)
         losses = {"sparsity_l1": sparsity_l1_loss(probs), "mean_importance": mean_importance_loss(probs)}
-        return finish_routing(
-            token, expert, weight, num_tokens=logits.shape[0], num_experts=self.num_experts,
-            requested=logits.shape[0] * self.k, logits=logits, probs=probs, losses=losses,
-        )
+        return self.finish(token, expert, weight, logits.shape[0], logits=logits, probs=probs,
+                           losses=losses)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from moezoo.routers import functional as RF
 from moezoo.checks import require_float, require_int
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["SwitchHeadSelector", "renorm_rows_"]
@@ -82,15 +82,6 @@ class SwitchHeadSelector(Router):
         row, local, weight = RF.sigmoid_top_k(scores, self.k, dropout=self.expert_dropout if self.training else 0.0,
                                               dropped="exclude")
         expert = (row % heads) * experts + local
-        return finish_routing(
-            row,
-            expert,
-            weight,
-            num_tokens=num_tokens * heads,
-            num_experts=heads * experts,
-            requested=num_tokens * heads * self.k,
-            logits=logits,
-            # The entropy statistic of each (token, head)'s scores normalised over its experts.
-            probs=scores / scores.sum(-1, keepdim=True),
-            losses={},
-        )
+        # The entropy statistic of each (token, head)'s scores normalised over its experts.
+        share = scores / scores.sum(-1, keepdim=True)
+        return self.finish(row, expert, weight, num_tokens * heads, logits=logits, probs=share, losses={})

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
 from moezoo.checks import require_float, require_int
-from moezoo.routers.base import Router, finish_routing
+from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
 __all__ = ["TopKRouter"]
@@ -119,14 +119,5 @@ class TopKRouter(Router):
         if self.noise is not None:
             gates = torch.zeros_like(probs).index_put((token, expert), weight, accumulate=True)
             losses["importance"] = L.importance_loss(gates)
-        return finish_routing(
-            token,
-            expert,
-            weight,
-            num_tokens=num_tokens,
-            num_experts=num_experts,
-            requested=num_tokens * self.k,
-            logits=logits,
-            probs=probs,
-            losses=losses,
-        )
+        return self.finish(token, expert, weight, num_tokens, logits=logits, probs=probs,
+                           losses=losses)
