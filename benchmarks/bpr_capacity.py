@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import moezoo  # noqa: E402
-from moezoo.modalities.vision import set_routing  # noqa: E402
+from moezoo.routers import set_routing  # noqa: E402
 from moezoo.zoo import get_entry  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

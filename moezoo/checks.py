@@ -1,9 +1,23 @@
-"""Argument checks shared by every constructor: a ``ValueError`` names the owner, the field, the
-value and what is allowed. The bottom of the package: it imports nothing from moezoo."""
+"""Argument checks shared by every constructor (a ``ValueError`` names the owner, the field, the
+value and what is allowed) and the import of optional dependencies (an ``ImportError`` names the
+extra to install). The bottom of the package: it imports nothing from moezoo."""
 
 from __future__ import annotations
 
-__all__ = ["require_float", "require_int", "require_optional_positive"]
+import importlib
+from types import ModuleType
+
+__all__ = ["import_extra", "require_float", "require_int", "require_optional_positive"]
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """Import ``module``, which moezoo's ``extra`` (``pip install 'moezoo[extra]'``) provides."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{module} is needed here; it comes with moezoo's '{extra}' extra: pip install 'moezoo[{extra}]'"
+        ) from err
 
 
 def require_int(owner: str, name: str, value: object, low: int = 1) -> int:

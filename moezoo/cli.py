@@ -5,44 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from typing import Any
+from moezoo.lightning_cli import MoezooCLI
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelSummary, ProgressBar, RichProgressBar
-from lightning.pytorch.cli import LightningCLI
+__all__ = ["main"]
 
-__all__ = ["MoezooCLI", "main"]
-
-
-class MoezooCLI(LightningCLI):
-    """LightningCLI with moezoo's defaults: any LightningModule / LightningDataModule by
-    ``class_path``, OmegaConf interpolation in configs, and Rich's progress bar."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("subclass_mode_model", True)
-        kwargs.setdefault("subclass_mode_data", True)
-        parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
-        parser_kwargs.setdefault("parser_mode", "omegaconf")
-        kwargs["parser_kwargs"] = parser_kwargs
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
-
-    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # Rich's progress bar and a summary with active parameters by default, unless the config
-        # turns them off or brings its own.
-        from moezoo.monitoring import MoEModelSummary
-
-        configured = list(config.get("callbacks") or []) + list(callbacks)
-        if config.get("enable_progress_bar", True) is not False and not any(
-            isinstance(c, ProgressBar) for c in configured
-        ):
-            callbacks = [*callbacks, RichProgressBar()]
-        if config.get("enable_model_summary", True) is not False and not any(
-            isinstance(c, ModelSummary) for c in configured
-        ):
-            callbacks = [*callbacks, MoEModelSummary()]
-        return super()._instantiate_trainer(config, callbacks)
+ROUTING_REPORT_HELP = ("Run a trained model over data and write a self-contained routing report (HTML with "
+                       "embedded PNGs, the PNGs and a JSON of the numbers).")
 
 
 def _zoo_main(argv: Sequence[str]) -> int:
@@ -149,15 +119,41 @@ def _zoo_row(entry) -> tuple[str, ...]:
             ",".join(map(str, experts)) or "-", source, metric)
 
 
+def _routing_report_main(argv: Sequence[str]) -> int:
+    """``moezoo routing-report --config CFG [--ckpt PATH] [--split val] [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="moezoo routing-report", description=ROUTING_REPORT_HELP)
+    parser.add_argument("--config", required=True, help="the LightningCLI config of the run")
+    parser.add_argument("--ckpt", default=None,
+                        help="weights: a `moezoo fit` .ckpt or safetensors file/folder (default: the config's init)")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--out", default="routing_report")
+    parser.add_argument("--max-batches", type=int, default=None)
+    args = parser.parse_args(list(argv))
+
+    from moezoo.report import routing_report
+    from moezoo.zoo.checkpoint import load_checkpoint
+
+    cli = MoezooCLI(args=["--config", args.config, "--trainer.logger", "false"], run=False)
+    task = cli.model
+    model = getattr(task, "model", task)
+    if args.ckpt:
+        load_checkpoint(model, args.ckpt)
+    cli.datamodule.setup("fit" if args.split != "test" else "test")
+    loader = getattr(cli.datamodule, f"{args.split}_dataloader")()
+    task.eval()
+    record = routing_report(model, loader, args.out, title=f"routing report: {args.config} ({args.split})",
+                            max_batches=args.max_batches, run_batch=task.predict_step)
+    print(f"wrote {Path(args.out) / 'report.html'} ({record['batches']} batches, {len(record['layers'])} layers)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``moezoo`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "zoo":
         return _zoo_main(args[1:])
     if args and args[0] == "routing-report":
-        from moezoo.report import main as report_main
-
-        return report_main(args[1:])
+        return _routing_report_main(args[1:])
     # LightningCLI reads sys.argv itself; pass args only when called from Python.
     MoezooCLI(args=None if argv is None else args)
     return 0

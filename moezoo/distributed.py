@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.layers.expert_parallel import (
     ExpertParallelGroups,
     expert_shards,
@@ -46,9 +47,7 @@ class ExpertParallel(Callback):
     """
 
     def __init__(self, size: int = 2) -> None:
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"ExpertParallel: size must be an int >= 1, got {size!r}")
-        self.size = size
+        self.size = require_int("ExpertParallel", "size", size)
         self.groups: ExpertParallelGroups | None = None
         self.sharded: list[str] = []
 

@@ -1,25 +1,22 @@
-"""``moezoo routing-report``: run a trained model over data and write a self-contained routing report
-(HTML with embedded PNGs, the PNGs and a JSON of the numbers)."""
+"""Routing reports: run a trained model over data and write a self-contained report (HTML with
+embedded PNGs, the PNGs and a JSON of the numbers); ``moezoo routing-report`` is its command."""
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from moezoo.layers.routed import routed_layers
-from moezoo.routers.base import Router
-from moezoo.routers.hash import HashRouter
 from moezoo.monitoring import layer_statistics, load_heatmap
+from moezoo.routers.base import Router
 
-__all__ = ["RoutingRecorder", "main", "routing_report"]
+__all__ = ["RoutingRecorder", "routing_report"]
 
 
 class RoutingRecorder:
@@ -42,7 +39,7 @@ class RoutingRecorder:
         self.routers: list[tuple[str, str]] = []  # (router key, layer name)
         self._handles = []
         for name, layer in self.layers:
-            routers = [(n, m) for n, m in layer.named_modules() if isinstance(m, (Router, HashRouter))]
+            routers = [(n, m) for n, m in layer.named_modules() if isinstance(m, Router)]
             for child, router in routers:
                 key = name if len(routers) == 1 else f"{name}.{child}"
                 self.routers.append((key, name))
@@ -261,31 +258,3 @@ def routing_report(model: nn.Module, batches, out_dir: str | Path, *, title: str
         f"<th>router entropy</th></tr>{rows}</table>{images}</body></html>\n"
     )
     return record
-
-
-def main(argv: Sequence[str]) -> int:
-    """``moezoo routing-report --config CFG [--ckpt PATH] [--split val] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="moezoo routing-report", description=__doc__)
-    parser.add_argument("--config", required=True, help="the LightningCLI config of the run")
-    parser.add_argument("--ckpt", default=None,
-                        help="weights: a `moezoo fit` .ckpt or safetensors file/folder (default: the config's init)")
-    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
-    parser.add_argument("--out", default="routing_report")
-    parser.add_argument("--max-batches", type=int, default=None)
-    args = parser.parse_args(list(argv))
-
-    from moezoo.cli import MoezooCLI
-    from moezoo.zoo.checkpoint import load_checkpoint
-
-    cli = MoezooCLI(args=["--config", args.config, "--trainer.logger", "false"], run=False)
-    task = cli.model
-    model = getattr(task, "model", task)
-    if args.ckpt:
-        load_checkpoint(model, args.ckpt)
-    cli.datamodule.setup("fit" if args.split != "test" else "test")
-    loader = getattr(cli.datamodule, f"{args.split}_dataloader")()
-    task.eval()
-    record = routing_report(model, loader, args.out, title=f"routing report: {args.config} ({args.split})",
-                            max_batches=args.max_batches, run_batch=task.predict_step)
-    print(f"wrote {Path(args.out) / 'report.html'} ({record['batches']} batches, {len(record['layers'])} layers)")
-    return 0

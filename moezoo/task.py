@@ -119,14 +119,29 @@ class MoETask(L.LightningModule):
         return next((c for c in callbacks if isinstance(c, ExpertParallel) and c.groups), None)
 
     # -- objective -----------------------------------------------------------------------------
-    def add_aux_loss(self, main_loss: Tensor, stage: str) -> Tensor | None:
+    def step(self, batch, stage: str) -> tuple[Tensor, int]:
+        """The task's loss on ``batch`` and the batch size its metrics are logged with; logs the
+        ``stage``'s ("train", "val", "test") metrics. The steps below call it; a task whose
+        evaluation is another computation overrides ``validation_step``/``test_step`` instead."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step(batch, stage)")
+
+    def training_step(self, batch, batch_idx: int) -> Tensor | None:
+        loss, batch_size = self.step(batch, "train")
+        return self.add_aux_loss(loss, "train", batch_size)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self.step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.step(batch, "test")
+
+    def add_aux_loss(self, main_loss: Tensor, stage: str, batch_size: int | None = None) -> Tensor | None:
         """``main_loss`` plus the weighted routing losses of the last forward; logs the latter.
 
         Returns None (Lightning then skips the optimiser step) when the total is not finite and the
         task was built with ``nonfinite="skip"``.
         """
         aux = aux_loss(self.model, self.aux_loss_weights)
-        batch_size = getattr(self, "_batch_size", None)
         self.log(f"{stage}/aux_loss", aux.detach(), batch_size=batch_size, sync_dist=stage != "train")
         total = main_loss + aux
         if self.nonfinite == "skip" and stage == "train" and not bool(torch.isfinite(total.detach())):

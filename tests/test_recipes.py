@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from moezoo.cli import MoezooCLI
 from moezoo.layers import routed_layers
+from moezoo.lightning_cli import MoezooCLI
 from moezoo.modalities.vision.evaluate import evaluate_classifier
 from moezoo.zoo import get_entry, list_models
 from moezoo.zoo.recipes import ExpertSpecialisedFineTuning

@@ -282,8 +282,8 @@ def test_config_naming_an_unknown_class_fails_before_anything_is_written(tmp_pat
 
 
 def test_corrupted_lightning_checkpoint_is_refused_and_changes_nothing(tmp_path):
-    from moezoo.zoo import CheckpointError
     import moezoo
+    from moezoo.zoo import CheckpointError
 
     model = moezoo.create_model("vmoe_ti_digits")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -6,6 +6,7 @@ from moezoo.layers.mlp import MLP
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.moe import MoE, RouterFactory
 from moezoo.layers.multimodal_moe import MultimodalMoE
+from moezoo.layers.placement import moe_block_indices
 from moezoo.layers.routed import (
     RoutedLayer,
     aux_loss,
@@ -33,6 +34,7 @@ __all__ = [
     "SwitchHeadAttention",
     "attention_mask",
     "aux_loss",
+    "moe_block_indices",
     "parameter_counts",
     "register_router_updates",
     "routed_layers",

@@ -25,16 +25,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.kernels import BACKENDS, expert_linear, expert_mlp, get_activation
 from moezoo.routers.routing import Routing
 
 __all__ = ["Dispatcher", "ExpertBank", "Experts", "LinearExperts", "LocalDispatcher", "combine_rows"]
-
-
-def _positive_int(owner: str, name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
-    return value
 
 
 def round_to_bfloat16(x: Tensor) -> Tensor:
@@ -98,7 +93,7 @@ class ExpertBank(nn.Module, abc.ABC):
     def __init__(self, num_experts: int, *, backend: str = "auto", bfloat16_dispatch: bool = False) -> None:
         super().__init__()
         name = type(self).__name__
-        self.num_experts = _positive_int(name, "num_experts", num_experts)
+        self.num_experts = require_int(name, "num_experts", num_experts)
         if backend not in BACKENDS:
             raise ValueError(f"{name}: backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
@@ -194,8 +189,8 @@ class Experts(ExpertBank):
         bfloat16_dispatch: bool = False,
     ) -> None:
         super().__init__(num_experts, backend=backend, bfloat16_dispatch=bfloat16_dispatch)
-        self.dim = _positive_int("Experts", "dim", dim)
-        self.hidden = _positive_int("Experts", "hidden", hidden)
+        self.dim = require_int("Experts", "dim", dim)
+        self.hidden = require_int("Experts", "hidden", hidden)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"Experts: dropout must be in [0, 1), got {dropout}")
         get_activation(activation)
@@ -275,8 +270,8 @@ class LinearExperts(ExpertBank):
     def __init__(self, d_in: int, d_out: int, num_experts: int, *, bias: bool = False, backend: str = "auto",
                  bfloat16_dispatch: bool = False) -> None:
         super().__init__(num_experts, backend=backend, bfloat16_dispatch=bfloat16_dispatch)
-        self.d_in = _positive_int("LinearExperts", "d_in", d_in)
-        self.d_out = _positive_int("LinearExperts", "d_out", d_out)
+        self.d_in = require_int("LinearExperts", "d_in", d_in)
+        self.d_out = require_int("LinearExperts", "d_out", d_out)
         self.weight = nn.Parameter(torch.empty(num_experts, d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(num_experts, d_out)) if bias else None
         nn.init.normal_(self.weight, 0.0, d_in ** -0.5)

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moezoo.layers.attention import RotaryEmbedding, attention_mask
+from moezoo.checks import require_int
+from moezoo.layers.attention import RotaryEmbedding, attention_mask, attention_source
 from moezoo.layers.experts import LinearExperts
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.moa import MOA_LOSS_WEIGHTS, MoARouter
@@ -76,8 +77,7 @@ class MixtureOfAttentionHeads(RoutedLayer):
     ) -> None:
         super().__init__(MOA_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights)
         for name, value in (("dim", dim), ("num_experts", num_experts), ("k", k), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MixtureOfAttentionHeads: {name} must be an int >= 1, got {value!r}")
+            require_int("MixtureOfAttentionHeads", name, value)
         if k > num_experts:
             raise ValueError(f"MixtureOfAttentionHeads: k must be <= num_experts={num_experts}, got k={k}")
         if not 0.0 <= dropout < 1.0:
@@ -125,17 +125,9 @@ class MixtureOfAttentionHeads(RoutedLayer):
                 key_padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, T, dim) queries; memory: (B, S, kdim) keys/values (default x, self-attention).
 
-        Args:
-            causal: query i attends to key positions <= S - T + i.
-            key_padding_mask: (B, S) bool, True at padded keys.
+        ``causal`` and ``key_padding_mask`` (B, S) as :func:`~moezoo.layers.attention.attention_mask`.
         """
-        src = x if memory is None else memory
-        if x.dim() != 3 or x.shape[-1] != self.dim or src.dim() != 3 or src.shape[-1] != self.kdim \
-                or src.shape[0] != x.shape[0]:
-            raise ValueError(
-                f"MixtureOfAttentionHeads: x must be (B, T, dim={self.dim}) and memory (B, S, kdim={self.kdim}), "
-                f"got {tuple(x.shape)} and {tuple(src.shape)}"
-            )
+        src = attention_source("MixtureOfAttentionHeads", x, memory, self.dim, self.kdim)
         (batch, queries, _), keys = x.shape, src.shape[1]
         k, d = self.k, self.head_dim
         tokens = batch * queries

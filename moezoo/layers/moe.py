@@ -7,16 +7,37 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.layers.experts import Experts
 from moezoo.layers.mlp import MLP
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.top_k import TopKRouter
 
-__all__ = ["MoE", "RouterFactory"]
+__all__ = ["MoE", "RouterFactory", "resolve_router"]
 
 #: Builds a router for a layer: ``factory(dim, num_experts) -> router``. In YAML, a ``class_path``
 #: with ``init_args`` that leave out ``dim`` and ``num_experts``.
 RouterFactory = Callable[[int, int], nn.Module]
+
+
+def resolve_router(owner: str, router: nn.Module | RouterFactory | None, dim: int, num_experts: int,
+                   default: Callable[[], nn.Module]) -> nn.Module:
+    """The router a layer was given: a module, a factory ``(dim, num_experts) -> router`` (called
+    here), or None for ``default()``; its expert count must be the layer's.
+
+    The router's own input size is checked by the router: it may route on other features than the
+    layer input (``router_input`` in ``MoE.forward``, e.g. SpeechMoE's shared embedding).
+    """
+    if router is None:
+        router = default()
+    elif not isinstance(router, nn.Module):
+        router = router(dim, num_experts)
+    if getattr(router, "num_experts", num_experts) != num_experts:
+        raise ValueError(
+            f"{owner}: router is for num_experts={getattr(router, 'num_experts', '?')} but the layer has "
+            f"num_experts={num_experts}"
+        )
+    return router
 
 
 class MoE(RoutedLayer):
@@ -71,24 +92,12 @@ class MoE(RoutedLayer):
     ) -> None:
         super().__init__(aux_loss_weights)
         for name, value in (("dim", dim), ("hidden", hidden), ("num_experts", num_experts)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoE: {name} must be an int >= 1, got {value!r}")
+            require_int("MoE", name, value)
         if shared_experts < 0:
             raise ValueError(f"MoE: shared_experts must be >= 0, got {shared_experts}")
         self.dim, self.hidden = dim, hidden
 
-        if router is None:
-            router = TopKRouter(dim, num_experts, k=2)
-        elif not isinstance(router, nn.Module):
-            router = router(dim, num_experts)
-        # The router's own input size is checked by the router: it may route on other features
-        # than the layer input (``router_input`` in forward, e.g. SpeechMoE's shared embedding).
-        if getattr(router, "num_experts", num_experts) != num_experts:
-            raise ValueError(
-                f"MoE: router is for num_experts={getattr(router, 'num_experts', '?')} but the layer has "
-                f"num_experts={num_experts}"
-            )
-        self.router = router
+        self.router = resolve_router("MoE", router, dim, num_experts, lambda: TopKRouter(dim, num_experts, k=2))
         self.experts = Experts(
             dim, hidden, num_experts, activation, gated=gated, bias=bias, dropout=dropout,
             identical_init=identical_init, backend=backend, bfloat16_dispatch=bfloat16_dispatch,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.layers.experts import Experts
-from moezoo.layers.moe import RouterFactory
+from moezoo.layers.moe import RouterFactory, resolve_router
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers import losses as L
 from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
@@ -53,10 +53,8 @@ class MultimodalMoE(RoutedLayer):
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(aux_loss_weights)
-        if router is None:
-            router = BatchPrioritizedRouter(dim, num_experts, k=1)
-        elif not isinstance(router, nn.Module):
-            router = router(dim, num_experts)
+        router = resolve_router("MultimodalMoE", router, dim, num_experts,
+                                lambda: BatchPrioritizedRouter(dim, num_experts, k=1))
         if getattr(router, "capacity_factor", None) is None:
             raise ValueError(
                 f"MultimodalMoE: the router must have a capacity (per-modality buffers), got {type(router).__name__} "

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
+
 __all__ = ["RelativeMultiHeadAttention", "sinusoidal_embedding"]
 
 
@@ -67,8 +69,7 @@ class RelativeMultiHeadAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int | None = None, *, dropout: float = 0.0) -> None:
         super().__init__()
         for name, value in (("dim", dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"RelativeMultiHeadAttention: {name} must be an int >= 1, got {value!r}")
+            require_int("RelativeMultiHeadAttention", name, value)
         if head_dim is None:
             if dim % num_heads:
                 raise ValueError(f"RelativeMultiHeadAttention: dim={dim} must be a multiple of num_heads={num_heads} "

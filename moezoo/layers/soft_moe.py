@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.layers.experts import Experts
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.functional import soft_moe_weights
@@ -48,9 +49,7 @@ class SoftMoE(RoutedLayer):
         bfloat16_dispatch: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(slots_per_expert, bool) or not isinstance(slots_per_expert, int) or slots_per_expert < 1:
-            raise ValueError(f"SoftMoE: slots_per_expert must be an int >= 1, got {slots_per_expert!r}")
-        self.dim, self.slots_per_expert = dim, slots_per_expert
+        self.dim, self.slots_per_expert = dim, require_int("SoftMoE", "slots_per_expert", slots_per_expert)
         self.experts = Experts(dim, hidden, num_experts, activation, gated=gated, bias=bias, dropout=dropout,
                                backend=backend, bfloat16_dispatch=bfloat16_dispatch)
         self.mu = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))

@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moezoo.layers.attention import RotaryEmbedding, attention_mask
+from moezoo.checks import require_int
+from moezoo.layers.attention import RotaryEmbedding, attention_mask, attention_source
 from moezoo.layers.experts import LinearExperts
 from moezoo.layers.routed import RoutedLayer
-from moezoo.routers.routing import Routing
 from moezoo.routers.losses import marginal_entropy_loss
+from moezoo.routers.routing import Routing
 from moezoo.routers.switchhead import SwitchHeadSelector
 
 __all__ = ["SwitchHeadAttention"]
@@ -84,8 +85,7 @@ class SwitchHeadAttention(RoutedLayer):
     ) -> None:
         super().__init__(aux_loss_weights)
         for name, value in (("dim", dim), ("num_heads", num_heads), ("num_experts", num_experts), ("k", k)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SwitchHeadAttention: {name} must be an int >= 1, got {value!r}")
+            require_int("SwitchHeadAttention", name, value)
         if k > num_experts:
             raise ValueError(f"SwitchHeadAttention: k must be <= num_experts={num_experts}, got k={k}")
         if not 0.0 <= dropout < 1.0:
@@ -143,16 +143,9 @@ class SwitchHeadAttention(RoutedLayer):
                 key_padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, T, dim) queries; memory: (B, S, dim) keys/values (default x, self-attention).
 
-        Args:
-            causal: query i attends to key positions <= S - T + i.
-            key_padding_mask: (B, S) bool, True at padded keys.
+        ``causal`` and ``key_padding_mask`` (B, S) as :func:`~moezoo.layers.attention.attention_mask`.
         """
-        src = x if memory is None else memory
-        if x.dim() != 3 or x.shape[-1] != self.dim or src.dim() != 3 or src.shape[::2] != x.shape[::2]:
-            raise ValueError(
-                f"SwitchHeadAttention: x must be (B, T, dim={self.dim}) and memory (B, S, dim), got "
-                f"{tuple(x.shape)} and {tuple(src.shape)}"
-            )
+        src = attention_source("SwitchHeadAttention", x, memory, self.dim, self.dim)
         (batch, queries, _), keys = x.shape, src.shape[1]
         heads, d = self.num_heads, self.head_dim
         x_flat, src_flat = x.reshape(-1, self.dim), src.reshape(-1, self.dim)

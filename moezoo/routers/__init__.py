@@ -2,8 +2,8 @@
 
 from moezoo.routers import functional, losses
 from moezoo.routers.balanced import BalancedAssignmentRouter
-from moezoo.routers.base import Router
-from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
+from moezoo.routers.base import Router, set_routing
+from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, BatchPrioritizedRouter, bpr_router_factory
 from moezoo.routers.expert_choice import ExpertChoiceRouter
 from moezoo.routers.hash import HashRouter
 from moezoo.routers.moa import MoARouter
@@ -29,6 +29,9 @@ __all__ = [
     "SpeechMoERouter",
     "SwitchHeadSelector",
     "TopKRouter",
+    "VMOE_LOSS_WEIGHTS",
+    "bpr_router_factory",
     "functional",
     "losses",
+    "set_routing",
 ]

@@ -12,7 +12,7 @@ from moezoo.checks import require_int, require_optional_positive
 from moezoo.routers import functional as RF
 from moezoo.routers.routing import Routing
 
-__all__ = ["Router", "routing_stats_from"]
+__all__ = ["Router", "routing_stats_from", "set_routing"]
 
 
 class Router(nn.Module, abc.ABC):
@@ -185,6 +185,20 @@ class Router(nn.Module, abc.ABC):
     def update_after_step(self) -> None:
         """State that changes once per optimiser step, not per forward (e.g. loss-free balancing
         biases from the loads accumulated since the last step). Default: nothing."""
+
+
+def set_routing(model: nn.Module, *, eval_capacity_factor: float | None = None,
+                batch_priority: bool | None = None) -> None:
+    """Change every router's evaluation capacity factor and/or BPR flag (V-MoE's inference knob). A
+    token-choice router trained without capacity gets one at evaluation; routers that never use a
+    capacity (sigmoid, hash, ...) ignore it."""
+    for router in model.modules():
+        if not isinstance(router, Router):
+            continue
+        if eval_capacity_factor is not None:
+            router.eval_capacity_factor = float(eval_capacity_factor)
+        if batch_priority is not None and hasattr(router, "batch_priority"):
+            router.batch_priority = bool(batch_priority)
 
 
 def routing_stats_from(

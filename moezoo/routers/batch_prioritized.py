@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import Tensor
 
+from moezoo.checks import require_float, require_int
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.checks import require_float, require_int
 from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 
-__all__ = ["BatchPrioritizedRouter"]
+__all__ = ["VMOE_LOSS_WEIGHTS", "BatchPrioritizedRouter", "bpr_router_factory"]
+
+#: V-MoE's coefficients (google-research/vmoe ``vmoe/configs/vmoe_paper/common.py``: importance and
+#: load weight 0.005 each).
+VMOE_LOSS_WEIGHTS = {"importance": 0.005, "load": 0.005}
 
 _PRIORITIES = ("max", "sum")
 
@@ -127,3 +134,9 @@ class BatchPrioritizedRouter(Router):
             losses["load"] = group_mean(lambda a, b: L.load_loss(a, b, sigma, self.k), logits, dispatch_logits)
         return self.finish(token, expert, weight, num_tokens, logits=logits, probs=probs,
                            losses=losses)
+
+
+def bpr_router_factory(k: int = 2, **kwargs) -> Callable[[int, int], BatchPrioritizedRouter]:
+    """A router factory ``(dim, num_experts) -> BatchPrioritizedRouter(dim, num_experts, k, **kwargs)``
+    (a ``functools.partial``: its settings stay inspectable in ``.keywords``)."""
+    return partial(BatchPrioritizedRouter, k=k, **kwargs)

@@ -7,12 +7,11 @@ with ``selection_mode="sigmoid"``, ``reg_type="entropy"``, ``perplexity_reg_mode
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
-from moezoo.routers import functional as RF
 from moezoo.checks import require_float
+from moezoo.routers import functional as RF
 from moezoo.routers.base import Router
 from moezoo.routers.losses import marginal_entropy_loss
 from moezoo.routers.routing import Routing

@@ -6,9 +6,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from moezoo.checks import require_float
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.checks import require_float
 from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moezoo.checks import require_float, require_int
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.checks import require_float, require_int
 from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moezoo.routers import functional as RF
 from moezoo.checks import require_float, require_int
+from moezoo.routers import functional as RF
 from moezoo.routers.base import Router
 from moezoo.routers.losses import mean_importance_loss, sparsity_l1_loss
 from moezoo.routers.routing import Routing

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moezoo.routers import functional as RF
 from moezoo.checks import require_float, require_int
+from moezoo.routers import functional as RF
 from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moezoo.checks import require_float, require_int
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
-from moezoo.checks import require_float, require_int
 from moezoo.routers.base import Router
 from moezoo.routers.routing import Routing
 

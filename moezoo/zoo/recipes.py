@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from moezoo.layers.experts import Experts
 from moezoo.layers.routed import routed_layers
+from moezoo.routers.base import set_routing
 
 __all__ = [
     "EvalCapacity",
@@ -106,8 +107,6 @@ class EvalCapacity(Callback):
         self.capacity_factor, self.batch_priority = capacity_factor, batch_priority
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from moezoo.modalities.vision.model import set_routing
-
         set_routing(_model(pl_module), eval_capacity_factor=self.capacity_factor, batch_priority=self.batch_priority)
 
 

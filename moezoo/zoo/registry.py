@@ -74,14 +74,10 @@ class PretrainedCfg:
         if kind == "file":
             return Path(os.path.expanduser(rest))
         if kind == "hf-hub":
-            from huggingface_hub import snapshot_download
+            from moezoo.zoo.hub import hub_download
 
             repo, _, filename = rest.partition(":")
-            if filename:
-                from huggingface_hub import hf_hub_download
-
-                return Path(hf_hub_download(repo, filename))
-            return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors"]))
+            return hub_download(repo, filename or None, allow_patterns=["*.json", "*.safetensors"])
         from torch.hub import download_url_to_file, get_dir
 
         # Keyed by the whole URL: two entries whose files share a name must not share a cache file.
@@ -137,22 +133,31 @@ def shipped_weights(name: str, **cfg: Any) -> PretrainedCfg | None:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_UNAVAILABLE: dict[str, str] = {}  # modality -> why it could not register (a missing extra)
 _loaded = False
 
 
 def _ensure_loaded() -> None:
-    """Import every ``moezoo.modalities.<modality>.zoo`` module once: they register the entries."""
+    """Import every ``moezoo.modalities.<modality>.zoo`` module once: they register the entries.
+
+    The modalities are found by name (a plugin lookup, as entry points would be), so the registry
+    depends on no modality's code. A modality whose optional dependencies are not installed
+    registers nothing; :func:`get_entry` then names the extra to install."""
     global _loaded
     if _loaded:
         return
     _loaded = True
     import pkgutil
 
-    import moezoo.modalities as modalities
-
-    for info in sorted(pkgutil.iter_modules(modalities.__path__), key=lambda m: m.name):
+    spec = importlib.util.find_spec("moezoo.modalities")
+    for info in sorted(pkgutil.iter_modules(spec.submodule_search_locations), key=lambda m: m.name):
         if info.ispkg and importlib.util.find_spec(f"moezoo.modalities.{info.name}.zoo") is not None:
-            importlib.import_module(f"moezoo.modalities.{info.name}.zoo")
+            try:
+                importlib.import_module(f"moezoo.modalities.{info.name}.zoo")
+            except ImportError as err:
+                if "moezoo[" not in str(err):  # only a missing extra is expected here
+                    raise
+                _UNAVAILABLE[info.name] = str(err)
 
 
 def register_model(
@@ -183,7 +188,8 @@ def get_entry(name: str) -> ModelEntry:
         return _REGISTRY[name]
     except KeyError:
         close = [n for n in _REGISTRY if name.split("_")[0] in n]
-        raise KeyError(f"unknown model {name!r}; registered: {sorted(close or _REGISTRY)}") from None
+        missing = "".join(f"; the {m} modality is not installed ({why})" for m, why in sorted(_UNAVAILABLE.items()))
+        raise KeyError(f"unknown model {name!r}; registered: {sorted(close or _REGISTRY)}{missing}") from None
 
 
 def list_models(pattern: str = "*", pretrained: bool = False, modality: str | None = None) -> list[str]:

@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from moezoo.layers.moe import MoE, RouterFactory
-from moezoo.modalities.vision.model import VMOE_LOSS_WEIGHTS, bpr_router_factory, moe_block_indices
+from moezoo.layers.placement import moe_block_indices
+from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, bpr_router_factory
 
 __all__ = ["upcycle_vit"]
 
@@ -36,7 +37,7 @@ def upcycle_vit(
 
     Args:
         model: a timm ViT (``blocks[i].mlp`` with ``fc1``, ``act``, ``fc2``).
-        moe_blocks: which blocks (see :func:`moezoo.modalities.vision.moe_block_indices`).
+        moe_blocks: which blocks (see :func:`moezoo.layers.placement.moe_block_indices`).
         num_experts, k, capacity_factor, eval_capacity_factor, batch_priority, group_images: the
             default router's settings (group size = images x tokens per image).
         router: a router factory replacing the default.

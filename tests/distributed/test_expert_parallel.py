@@ -57,7 +57,7 @@ def _assert_grads_match(model, single, sharded: set[str], groups) -> None:
         if p.grad is None:
             assert expected is None or not expected.any(), name
             continue
-        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _worker(rank: int, world: int, port: int, case: str, size: int) -> None:
@@ -182,7 +182,7 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
             if name in shards:
                 start, count, _ = shards[name]
                 expected = expected[start : start + count]
-            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     finally:
         dist.destroy_process_group()
 
@@ -284,7 +284,7 @@ def test_expert_parallel_fit_resumes_bit_identically_and_loads_in_one_process(tm
             for name, value in entry.items():
                 assert torch.equal(value, opt_b["state"][index][name]), (index, name)
 
-    from moezoo.cli import MoezooCLI
+    from moezoo.lightning_cli import MoezooCLI
     from moezoo.zoo import load_checkpoint
 
     cli = MoezooCLI(args=["--config", str(ROOT / config), *SHIPPED_CONFIGS[config]], run=False)

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DATA
 
 from moezoo.layers import aux_loss, routing_stats
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.routers.losses import moa_cv_loss
 from moezoo.routers.moa import MOA_LOSS_WEIGHTS, MoARouter
-
-from conftest import DATA
 
 REFERENCE = np.load(DATA / "text_moa_reference.npz")
 META = json.loads(str(REFERENCE["meta"]))

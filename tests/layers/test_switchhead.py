@@ -9,14 +9,13 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import DATA
 
-from moezoo.layers import routing_stats
 from moezoo.kernels import expert_linear
+from moezoo.layers import routing_stats
 from moezoo.layers.switchhead import SwitchHeadAttention
 from moezoo.routers.routing import Routing
 from moezoo.routers.switchhead import SwitchHeadSelector, renorm_rows_
-
-from conftest import DATA
 
 REFERENCE = np.load(DATA / "text_switchhead_reference.npz")
 META = json.loads(str(REFERENCE["meta"]))

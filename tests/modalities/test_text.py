@@ -15,7 +15,7 @@ from moezoo.cli import main
 from moezoo.layers import MoE, aux_loss, routed_layers
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.switchhead import SwitchHeadAttention
-from moezoo.modalities.text import LanguageModeling, TextDataModule, TransformerLM, load_tokenizer, lm_loss
+from moezoo.modalities.text import LanguageModeling, TextDataModule, TransformerLM, lm_loss, load_tokenizer
 from moezoo.modalities.text.evaluate import evaluate_lm, forward_macs
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from moezoo.layers.attention import KVCache
 from moezoo.modalities.timeseries import (
     ForecastWindows,
-    KVCache,
     RealSeries,
     SeriesDataModule,
     TimeMoE,

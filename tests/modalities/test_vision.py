@@ -9,14 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from moezoo.layers import aux_loss
-from moezoo.modalities.vision import (
-    ImageDataModule,
-    SoftMoEVisionTransformer,
-    VisionTransformerMoE,
-    moe_block_indices,
-    set_routing,
-)
+from moezoo.layers.placement import moe_block_indices
+from moezoo.modalities.vision import ImageDataModule, SoftMoEVisionTransformer, VisionTransformerMoE
 from moezoo.routers import functional as RF
+from moezoo.routers import set_routing
 from moezoo.zoo import upcycle_vit
 
 TINY = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=32, depth=4, num_heads=2)
@@ -57,8 +53,8 @@ def test_vmoe_shapes_losses_and_paper_defaults():
     logits = model(torch.randn(16, 1, 16, 16))
     assert logits.shape == (16, 10)
     losses = [m.last_losses for m in model.moe_layers()]
-    assert all(set(l) == {"importance", "load"} for l in losses)
-    expected = sum(0.005 * (l["importance"] + l["load"]) for l in losses)
+    assert all(set(layer) == {"importance", "load"} for layer in losses)
+    expected = sum(0.005 * (layer["importance"] + layer["load"]) for layer in losses)
     assert torch.allclose(aux_loss(model), expected)
     model.eval()
     model(torch.randn(16, 1, 16, 16))

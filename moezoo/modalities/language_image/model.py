@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moe import RouterFactory
 from moezoo.layers.multimodal_moe import MultimodalMoE
-from moezoo.modalities.vision.model import bpr_router_factory, moe_block_indices
+from moezoo.layers.placement import moe_block_indices
+from moezoo.routers.batch_prioritized import bpr_router_factory
 
 __all__ = ["LIMOE_LOSS_WEIGHTS", "LIMoE", "SharedBlock", "contrastive_loss"]
 
@@ -91,7 +92,7 @@ class LIMoE(nn.Module):
         vocab_size, max_text_len: text input.
         embed_dim, depth, num_heads, mlp_ratio: the tower.
         proj_dim: joint embedding size.
-        moe_blocks: MoE placement (see :func:`moezoo.modalities.vision.moe_block_indices`).
+        moe_blocks: MoE placement (see :func:`moezoo.layers.placement.moe_block_indices`).
         num_experts, k, noise_std, capacity_factor, eval_capacity_factor, batch_priority, group_size:
             V-MoE's BPR router settings (LIMoE: k=1, BPR), applied per modality.
         router: a router factory replacing the default.

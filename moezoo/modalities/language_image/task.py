@@ -42,12 +42,11 @@ class ContrastiveImageText(MoETask):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         images, ids, mask, _ = batch
-        self._batch_size = images.shape[0]
         image, text, scale = self.model(images, ids, mask)
         loss = contrastive_loss(image, text, scale)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
         self.log("train/logit_scale", scale.detach(), batch_size=images.shape[0])
-        return self.add_aux_loss(loss, "train")
+        return self.add_aux_loss(loss, "train", images.shape[0])
 
     def _eval_step(self, batch) -> None:
         images, ids, mask, labels = batch

@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from moezoo.checks import import_extra, require_int
 from moezoo.data import SplitDataModule
-
 from moezoo.modalities.speech.features import SpecAugment, SpeechFeatures
 
 __all__ = [
@@ -156,9 +156,9 @@ def render_espeak_split(settings: RenderSettings, split: str, count: int | None 
         audio (total samples,) int16 at ``settings.sample_rate``, offsets (count + 1,) int64 and the
         utterances (``speaker`` = ``"<accent>+<variant>"``).
     """
-    import torchaudio
-
     from moezoo.modalities.speech.espeak import ENGLISH_ACCENTS, synthesize, voice_variants
+
+    torchaudio = import_extra("torchaudio", "speech")
 
     if split not in _SPLITS:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
@@ -231,9 +231,7 @@ def load_espeak_split(settings: RenderSettings, split: str, cache_dir: str | os.
 
 def _read_audio(path: str | os.PathLike, sample_rate: int) -> Tensor:
     """A mono float waveform at ``sample_rate`` (soundfile reads it; torchaudio resamples)."""
-    import soundfile
-    import torchaudio
-
+    soundfile, torchaudio = import_extra("soundfile", "speech"), import_extra("torchaudio", "speech")
     data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     wave = torch.from_numpy(data.mean(axis=1))
     return torchaudio.functional.resample(wave, rate, sample_rate) if rate != sample_rate else wave
@@ -359,8 +357,7 @@ class SpeechDataModule(SplitDataModule):
             raise ValueError(f"SpeechDataModule: transcripts must be one of {TRANSCRIPT_KINDS}, got {transcripts!r}")
         for name, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test),
                             ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SpeechDataModule: {name} must be an int >= 1, got {value!r}")
+            require_int("SpeechDataModule", name, value)
         self.dataset, self.root, self.transcripts = dataset, root, transcripts
         self.settings = RenderSettings(seed=seed, transcripts=transcripts, num_train=num_train, num_val=num_val,
                                        num_test=num_test, sample_rate=sample_rate)

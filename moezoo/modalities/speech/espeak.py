@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moezoo.checks import import_extra
+
 __all__ = ["CHUNK", "ENGLISH_ACCENTS", "espeak_version", "synthesize", "voice_variants"]
 
 #: Utterances rendered per fresh process; part of what makes a render reproducible.
@@ -36,12 +38,7 @@ _END_PAUSE = 0x1000
 
 
 def _paths() -> tuple[str, str]:
-    try:
-        import espeakng_loader
-    except ImportError as err:  # the built-in speech data needs it; nothing else does
-        raise ImportError(
-            "the built-in speech data is rendered with eSpeak NG: pip install espeakng-loader"
-        ) from err
+    espeakng_loader = import_extra("espeakng_loader", "speech")  # the built-in speech data's renderer
     return espeakng_loader.get_library_path(), espeakng_loader.get_data_path()
 
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torchaudio
 from torch import Tensor, nn
+
+from moezoo.checks import import_extra, require_int
+
+torchaudio = import_extra("torchaudio", "speech")
 
 __all__ = ["FEATURE_KINDS", "SpecAugment", "SpeechFeatures", "normalize_utterance"]
 
@@ -53,8 +56,7 @@ class SpeechFeatures(nn.Module):
         if kind not in FEATURE_KINDS:
             raise ValueError(f"SpeechFeatures: kind must be one of {FEATURE_KINDS}, got {kind!r}")
         for name, value in (("num_mel_bins", num_mel_bins), ("sample_rate", sample_rate)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SpeechFeatures: {name} must be an int >= 1, got {value!r}")
+            require_int("SpeechFeatures", name, value)
         if not 0 < frame_shift_ms <= frame_length_ms:
             raise ValueError(
                 f"SpeechFeatures: need 0 < frame_shift_ms <= frame_length_ms, got {frame_shift_ms}, {frame_length_ms}"
@@ -116,8 +118,7 @@ class SpecAugment(nn.Module):
         super().__init__()
         for name, value in (("freq_masks", freq_masks), ("freq_width", freq_width), ("time_masks", time_masks),
                             ("time_width", time_width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"SpecAugment: {name} must be an int >= 0, got {value!r}")
+            require_int("SpecAugment", name, value, low=0)
         self.freq_masks, self.time_masks = freq_masks, time_masks
         self.freq = torchaudio.transforms.FrequencyMasking(freq_width)
         self.time = torchaudio.transforms.TimeMasking(time_width)

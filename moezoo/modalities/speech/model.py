@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moe import MoE
 from moezoo.layers.routed import parameter_counts
@@ -46,12 +47,6 @@ __all__ = [
     "matched_dense_hidden",
     "stack_frames",
 ]
-
-
-def _positive_int(owner: str, name: str, value: object, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}: {name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 def lengths_to_mask(lengths: Tensor, max_len: int) -> Tensor:
@@ -87,10 +82,10 @@ class FSMNMemory(nn.Module):
 
     def __init__(self, dim: int, left: int = 4, right: int = 2, stride: int = 1) -> None:
         super().__init__()
-        self.dim = _positive_int("FSMNMemory", "dim", dim)
-        self.left = _positive_int("FSMNMemory", "left", left, 0)
-        self.right = _positive_int("FSMNMemory", "right", right, 0)
-        self.stride = _positive_int("FSMNMemory", "stride", stride)
+        self.dim = require_int("FSMNMemory", "dim", dim)
+        self.left = require_int("FSMNMemory", "left", left, 0)
+        self.right = require_int("FSMNMemory", "right", right, 0)
+        self.stride = require_int("FSMNMemory", "stride", stride)
         self.filter = nn.Conv1d(dim, dim, left + right + 1, dilation=stride, groups=dim, bias=False)
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
@@ -292,12 +287,12 @@ class SpeechMoE(nn.Module):
         for name, value in (("input_dim", input_dim), ("dim", dim), ("depth", depth), ("hidden", hidden),
                             ("stack", stack), ("embed_dim", embed_dim), ("embed_hidden", embed_hidden),
                             ("global_dim", global_dim)):
-            _positive_int(owner, name, value)
-        _positive_int(owner, "vocab_size", vocab_size, 2)
-        _positive_int(owner, "num_keywords", num_keywords, 0)
-        _positive_int(owner, "embed_depth", embed_depth, 0)
+            require_int(owner, name, value)
+        require_int(owner, "vocab_size", vocab_size, 2)
+        require_int(owner, "num_keywords", num_keywords, 0)
+        require_int(owner, "embed_depth", embed_depth, 0)
         if num_experts is not None:
-            _positive_int(owner, "num_experts", num_experts)
+            require_int(owner, "num_experts", num_experts)
         if global_embeddings and num_experts is None:
             raise ValueError("SpeechMoE: global_embeddings (SpeechMoE2) need MoE layers; got num_experts=None")
         if not 0.0 <= dropout < 1.0:
@@ -315,7 +310,7 @@ class SpeechMoE(nn.Module):
                 memory_left=memory_left, memory_right=memory_right, dropout=dropout,
             )
             for name, classes in (global_embeddings or {}).items():
-                _positive_int(owner, f"global_embeddings[{name!r}]", classes, 2)
+                require_int(owner, f"global_embeddings[{name!r}]", classes, 2)
                 self.global_embeddings[name] = GlobalEmbedding(embed_dim, global_dim, classes)
         extra = len(self.global_embeddings) * global_dim
         weights = dict(SPEECHMOE_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights)

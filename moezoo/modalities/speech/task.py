@@ -84,10 +84,10 @@ class SpeechRecognition(MoETask):
         logits, labels = logits[known], labels[known]
         return F.cross_entropy(logits.float(), labels), (logits.argmax(-1) == labels).float().mean()
 
-    def _shared_step(self, batch: dict, stage: str) -> Tensor:
-        self._batch_size = batch["features"].shape[0]
+    def step(self, batch: dict, stage: str) -> tuple[Tensor, int]:
+        batch_size = batch["features"].shape[0]
         out = self.model(batch["features"], batch["lengths"])
-        log = dict(on_step=stage == "train", on_epoch=True, batch_size=self._batch_size)
+        log = dict(on_step=stage == "train", on_epoch=True, batch_size=batch_size)
         ctc = ctc_loss(out.logits, out.lengths, batch["targets"], batch["target_lengths"])
         loss = self.ctc_weight * ctc
         self.log(f"{stage}/ctc", ctc.detach(), prog_bar=True, **log)
@@ -109,18 +109,9 @@ class SpeechRecognition(MoETask):
             refs = [self.tokenizer.normalize(t) for t in batch["text"]]
             self.cer[stage + "_"](hyps, refs)
             self.log(f"{stage}/cer", self.cer[stage + "_"], prog_bar=True, on_step=False, on_epoch=True,
-                     batch_size=self._batch_size)
+                     batch_size=batch_size)
         self.log(f"{stage}/loss", loss.detach(), **log)
-        return loss
-
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self.add_aux_loss(self._shared_step(batch, "train"), "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        return loss, batch_size
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
         out = self.model(batch["features"], batch["lengths"])

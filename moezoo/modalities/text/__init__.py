@@ -2,14 +2,14 @@
 modelling task and text data."""
 
 from moezoo.modalities.text.data import TextDataModule, load_tokenizer, pydoc_topics_splits
-from moezoo.modalities.text.model import MultiHeadAttention, TransformerLM, sigma_moe
+from moezoo.modalities.text.model import TransformerLM, init_dense_attention, sigma_moe
 from moezoo.modalities.text.task import LanguageModeling, lm_loss
 
 __all__ = [
     "LanguageModeling",
-    "MultiHeadAttention",
     "TextDataModule",
     "TransformerLM",
+    "init_dense_attention",
     "lm_loss",
     "load_tokenizer",
     "pydoc_topics_splits",

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from moezoo.checks import import_extra
 from moezoo.data import SplitDataModule
 
 __all__ = ["BYTE_VOCAB_SIZE", "TextDataModule", "Windows", "load_tokenizer", "pydoc_topics_splits"]
@@ -180,8 +181,7 @@ class TextDataModule(SplitDataModule):
         return {"train": train, "val": val, "test": test}
 
     def _hf(self) -> dict[str, list[str]]:
-        import datasets
-
+        datasets = import_extra("datasets", "text")
         source = self.dataset.split(":", 1)[1]
         if Path(source).expanduser().is_dir() and (Path(source).expanduser() / "dataset_dict.json").is_file():
             corpus = datasets.load_from_disk(str(Path(source).expanduser()))

@@ -10,16 +10,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
+from moezoo.layers.attention import MultiHeadAttention
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.moe import MoE, RouterFactory
-from moezoo.layers.attention import RotaryEmbedding, attention_mask
 from moezoo.layers.switchhead import SwitchHeadAttention
 from moezoo.routers.moa import MOA_LOSS_WEIGHTS
 from moezoo.routers.sigma_moe import SigmaMoERouter
 from moezoo.routers.top_k import TopKRouter
 
-__all__ = ["ATTENTIONS", "MLPS", "MultiHeadAttention", "TransformerLM", "sigma_moe"]
+__all__ = ["ATTENTIONS", "MLPS", "TransformerLM", "init_dense_attention", "sigma_moe"]
 
 ATTENTIONS = ("dense", "moa", "switchhead")
 MLPS = ("dense", "moe", "sigma_moe")
@@ -45,49 +46,14 @@ def sigma_moe(dim: int, expert_size: int, num_experts: int, k: int, *, expert_dr
     return layer
 
 
-class MultiHeadAttention(nn.Module):
-    """Standard multi-head attention (the dense baseline), with the same conventions as
-    :class:`~moezoo.layers.switchhead.SwitchHeadAttention`: bias-free projections, optional RoPE on a
-    fraction of the head channels, init N(0, s/sqrt(dim)) (q, k, v) and N(0, s/sqrt(H*d)) (o).
-
-    Args:
-        dim: model width.
-        num_heads: H.
-        head_dim: d (default dim // H).
-        dropout: attention-probability dropout.
-        rotate_fraction, rope_base: RoPE settings.
-        init_scale: init std multiplier.
-    """
-
-    def __init__(self, dim: int, num_heads: int = 4, head_dim: int | None = None, *, dropout: float = 0.0,
-                 rotate_fraction: float = 0.5, rope_base: float = 10000.0, init_scale: float = 1.0) -> None:
-        super().__init__()
-        if num_heads < 1:
-            raise ValueError(f"MultiHeadAttention: num_heads must be >= 1, got {num_heads}")
-        self.dim, self.num_heads = dim, num_heads
-        self.head_dim = head_dim or dim // num_heads
-        inner = num_heads * self.head_dim
-        self.dropout = dropout
-        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.out = nn.Linear(inner, dim, bias=False)
-        self.rope = RotaryEmbedding(self.head_dim, rotate_fraction, rope_base)
-        with torch.no_grad():
-            self.qkv.weight.normal_(0.0, init_scale / math.sqrt(dim))
-            self.out.weight.normal_(0.0, init_scale / math.sqrt(inner))
-
-    @property
-    def attention_matrices(self) -> int:
-        """Attention maps computed per sequence: one per head."""
-        return self.num_heads
-
-    def forward(self, x: Tensor, *, causal: bool = False) -> Tensor:
-        """x: (B, T, dim) -> (B, T, dim)."""
-        batch, tokens, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.rope(q, k)
-        mask = attention_mask(batch, tokens, tokens, causal, None, x.device)
-        res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(res.transpose(1, 2).reshape(batch, tokens, -1))
+@torch.no_grad()
+def init_dense_attention(attention: MultiHeadAttention, scale: float) -> MultiHeadAttention:
+    """The dense baseline's initialisation, SwitchHead's conventions: N(0, s/sqrt(dim)) for q, k, v
+    and N(0, s/sqrt(H*d)) for the output projection."""
+    for projection in (attention.q_proj, attention.k_proj, attention.v_proj):
+        projection.weight.normal_(0.0, scale / math.sqrt(attention.dim))
+    attention.o_proj.weight.normal_(0.0, scale / math.sqrt(attention.num_heads * attention.head_dim))
+    return attention
 
 
 class Block(nn.Module):
@@ -168,8 +134,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"mlp must be one of {MLPS}, got {mlp!r}")
         for name, value in (("vocab_size", vocab_size), ("dim", dim), ("depth", depth),
                             ("context_length", context_length), ("mlp_hidden", mlp_hidden)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TransformerLM: {name} must be an int >= 1, got {value!r}")
+            require_int("TransformerLM", name, value)
         self.vocab_size, self.dim, self.depth, self.context_length = vocab_size, dim, depth, context_length
         self.attention_kind, self.mlp_kind = attention, mlp
         scale = 1.0 / math.sqrt(depth) if init_scale is None else init_scale
@@ -177,17 +142,19 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList()
         for _ in range(depth):
             if attention == "dense":
-                attn = MultiHeadAttention(dim, num_heads, head_dim, dropout=attention_dropout,
-                                          rotate_fraction=rotate_fraction, rope_base=rope_base, init_scale=scale)
+                attn = init_dense_attention(MultiHeadAttention(dim, num_heads, head_dim, dropout=attention_dropout,
+                                                               rotate_fraction=rotate_fraction, rope_base=rope_base),
+                                            scale)
             elif attention == "moa":
                 attn = MixtureOfAttentionHeads(dim, attention_experts, attention_k, head_dim or dim // attention_k,
                                                dropout=attention_dropout, rotate_fraction=rotate_fraction,
-                                               rope_base=rope_base, aux_loss_weights=aux_loss_weights or MOA_LOSS_WEIGHTS)
+                                               rope_base=rope_base, backend=backend,
+                                               aux_loss_weights=aux_loss_weights or MOA_LOSS_WEIGHTS)
             else:
                 attn = SwitchHeadAttention(dim, num_heads, attention_experts, head_dim, attention_k,
                                            dropout=attention_dropout, expert_dropout=attention_expert_dropout,
                                            rotate_fraction=rotate_fraction, rope_base=rope_base, init_scale=scale,
-                                           aux_loss_weights=aux_loss_weights)
+                                           backend=backend, aux_loss_weights=aux_loss_weights)
             if mlp == "dense":
                 ffn = MLP(dim, mlp_hidden, "relu", bias=False)
             elif mlp == "moe":

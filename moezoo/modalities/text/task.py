@@ -45,23 +45,13 @@ class LanguageModeling(MoETask):
         self.bytes_per_token = bytes_per_token
         self.nll = nn.ModuleDict({s: MeanMetric() for s in ("val_", "test_")})
 
-    def _step(self, batch: Tensor, stage: str) -> Tensor:
+    def step(self, batch: Tensor, stage: str) -> tuple[Tensor, int]:
         loss, tokens = lm_loss(self.model, batch)
-        self._batch_size = tokens
         self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=stage == "train", on_epoch=True,
                  batch_size=tokens)
         if stage != "train":
             self.nll[stage + "_"].update(loss.detach(), weight=tokens)
-        return loss
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        return self.add_aux_loss(self._step(batch, "train"), "train")
-
-    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch: Tensor, batch_idx: int) -> None:
-        self._step(batch, "test")
+        return loss, tokens
 
     def _epoch_end(self, stage: str) -> None:
         metric = self.nll[stage + "_"]

@@ -11,13 +11,12 @@ from moezoo.modalities.timeseries.data import (
 )
 from moezoo.modalities.timeseries.evaluate import evaluate_csv, evaluate_zero_shot, seasonal_naive
 from moezoo.modalities.timeseries.losses import autoregressive_loss, time_moe_balance_loss
-from moezoo.modalities.timeseries.model import KVCache, TimeMoE, TimeMoELoss
+from moezoo.modalities.timeseries.model import TimeMoE, TimeMoELoss
 from moezoo.modalities.timeseries.task import Forecasting
 
 __all__ = [
     "ForecastWindows",
     "Forecasting",
-    "KVCache",
     "RealSeries",
     "SeriesDataModule",
     "TimeMoE",

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from moezoo.checks import import_extra, require_int
 from moezoo.data import SplitDataModule
 
 __all__ = [
@@ -88,8 +89,7 @@ def kernel_synth(num_series: int, length: int = 512, seed: int = 0, max_kernels:
         (num_series, length) float32, each series z-scored (:func:`zero_scale`).
     """
     for name, value in (("num_series", num_series), ("length", length), ("max_kernels", max_kernels)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"kernel_synth: {name} must be an int >= 1, got {value!r}")
+        require_int("kernel_synth", name, value)
     bank = _kernel_bank(length)
     rng = np.random.default_rng(seed)
     out = np.empty((num_series, length), dtype=np.float32)
@@ -140,11 +140,9 @@ def load_real_series() -> tuple[RealSeries, ...]:
     - ``sunspots``: monthly sunspot numbers 1749-1983 (2,820; m = 12, h = 24);
     - ``elnino``: monthly El Nino sea-surface temperature 1950-2010 (732; m = 12, h = 12).
     """
-    try:
-        import pmdarima.datasets as pm
-        from statsmodels.datasets import co2, elnino
-    except ImportError as err:  # pragma: no cover - dependency message
-        raise ImportError("the built-in real series need `pip install pmdarima statsmodels`") from err
+    pm = import_extra("pmdarima.datasets", "timeseries")
+    statsmodels_datasets = import_extra("statsmodels.datasets", "timeseries")
+    co2, elnino = statsmodels_datasets.co2, statsmodels_datasets.elnino
     co2_values = co2.load_pandas().data["co2"].interpolate(limit_direction="both").to_numpy(dtype=np.float64)
     nino = elnino.load_pandas().data.drop(columns="YEAR").to_numpy(dtype=np.float64).reshape(-1)
     return (
@@ -187,7 +185,7 @@ BUILTIN_PREFIX = "builtin:"
 
 def _builtin_frame(path: str):
     """A built-in real series as an ETT-layout frame (a date column, one value column)."""
-    import pandas as pd
+    pd = import_extra("pandas", "timeseries")
 
     name = path[len(BUILTIN_PREFIX):]
     series = {s.name: s for s in load_real_series()}
@@ -206,7 +204,7 @@ def read_csv_splits(path: str | os.PathLike, context_length: int) -> dict[str, n
     Returns:
         split -> (channels, rows) float32.
     """
-    import pandas as pd
+    pd = import_extra("pandas", "timeseries")
     from sklearn.preprocessing import StandardScaler
 
     frame = _builtin_frame(str(path)) if str(path).startswith(BUILTIN_PREFIX) else pd.read_csv(path)

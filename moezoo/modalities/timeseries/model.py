@@ -25,16 +25,16 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.kernels.activations import get_activation
-from moezoo.layers.attention import RotaryEmbedding
+from moezoo.layers.attention import KVCache, MultiHeadAttention
 from moezoo.layers.experts import Experts
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moe import MoE
@@ -43,7 +43,6 @@ from moezoo.routers.top_k import TopKRouter
 
 __all__ = [
     "CONFIG_FIELDS",
-    "KVCache",
     "RMSNorm",
     "TimeMoE",
     "TimeMoELoss",
@@ -64,12 +63,6 @@ CONFIG_FIELDS = (
 _HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"TimeMoE: {name} must be an int >= 1, got {value!r}")
-    return value
-
-
 class RMSNorm(nn.Module):
     """``weight * x / sqrt(mean(x^2) + eps)``, the mean taken in fp32 (LLaMA / the reference)."""
 
@@ -83,75 +76,6 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
-
-
-@dataclass
-class KVCache:
-    """Keys and values of the positions seen so far, per layer: (batch, kv_heads, seen, head_dim)."""
-
-    keys: list[Tensor | None] = field(default_factory=list)
-    values: list[Tensor | None] = field(default_factory=list)
-
-    @property
-    def length(self) -> int:
-        """Number of positions cached (0 when empty)."""
-        return 0 if not self.keys or self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, index: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the new positions of layer ``index``; returns the layer's full keys and values."""
-        while len(self.keys) <= index:
-            self.keys.append(None)
-            self.values.append(None)
-        if self.keys[index] is not None:
-            k = torch.cat([self.keys[index], k], dim=2)
-            v = torch.cat([self.values[index], v], dim=2)
-        self.keys[index], self.values[index] = k, v
-        return k, v
-
-
-class Attention(nn.Module):
-    """Causal multi-head attention with RoPE and grouped KV heads (Qwen2-style: q/k/v biases, no o bias)."""
-
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"TimeMoE: hidden_size={dim} must be divisible by num_attention_heads={num_heads}")
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"TimeMoE: num_attention_heads={num_heads} must be a multiple of num_key_value_heads={num_kv_heads}"
-            )
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, dim // num_heads
-        self.dropout = dropout
-        self.q_proj = nn.Linear(dim, num_heads * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(dim, num_kv_heads * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(num_heads * self.head_dim, dim, bias=False)
-
-    def forward(self, x: Tensor, rope: RotaryEmbedding, cos: Tensor, sin: Tensor, cache: KVCache | None,
-                index: int) -> Tensor:
-        """x: (batch, n, dim) new positions; cos, sin: (n, head_dim) of their absolute positions."""
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
-        past = 0
-        if cache is not None:
-            cached = cache.keys[index] if index < len(cache.keys) else None
-            past = 0 if cached is None else cached.shape[2]
-            k, v = cache.update(index, k, v)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        # New query i sits at position past + i and sees keys 0 .. past + i.
-        mask = None
-        if past and n > 1:
-            mask = torch.arange(past + n, device=x.device) <= (past + torch.arange(n, device=x.device)).unsqueeze(1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=past == 0 and n > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
 class InputEmbedding(nn.Module):
@@ -174,11 +98,12 @@ class DecoderLayer(nn.Module):
     SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``."""
 
     def __init__(self, index: int, dim: int, intermediate: int, num_heads: int, num_kv_heads: int,
-                 num_experts: int, k: int, activation: str, eps: float, attention_dropout: float,
+                 num_experts: int, k: int, activation: str, eps: float, rope_theta: float, attention_dropout: float,
                  use_dense: bool, backend: str) -> None:
         super().__init__()
         self.index = index
-        self.self_attn = Attention(dim, num_heads, num_kv_heads, attention_dropout)
+        self.self_attn = MultiHeadAttention(dim, num_heads, num_kv_heads=num_kv_heads, qkv_bias=True,
+                                            dropout=attention_dropout, rotate_fraction=1.0, rope_base=rope_theta)
         self.input_layernorm = RMSNorm(dim, eps)
         self.post_attention_layernorm = RMSNorm(dim, eps)
         self.router_logits: Tensor | None = None
@@ -195,30 +120,26 @@ class DecoderLayer(nn.Module):
     def _keep_router_logits(self, module: nn.Module, args: Any, routing: Any) -> None:
         self.router_logits = routing.logits
 
-    def forward(self, x: Tensor, rope: RotaryEmbedding, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None) -> Tensor:
         """x: (batch, n, dim) -> (batch, n, dim)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, cache, self.index)
+        x = x + self.self_attn(self.input_layernorm(x), causal=True, cache=cache, layer_index=self.index)
         return x + self.ffn_layer(self.post_attention_layernorm(x))
 
 
 class TimeMoEBackbone(nn.Module):
     """Embedding, decoder layers and final norm (the reference's ``TimeMoeModel``)."""
 
-    def __init__(self, dim: int, layers: list[DecoderLayer], activation: str, eps: float, rope_theta: float,
-                 head_dim: int) -> None:
+    def __init__(self, dim: int, layers: list[DecoderLayer], activation: str, eps: float) -> None:
         super().__init__()
         self.embed_layer = InputEmbedding(dim, activation)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(dim, eps)
-        self.rotary = RotaryEmbedding(head_dim, fraction=1.0, base=rope_theta)
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         """x: (batch, n) values at positions ``cache.length ..`` -> (batch, n, dim) normed hidden states."""
-        start = 0 if cache is None else cache.length
         h = self.embed_layer(x)
-        cos, sin = self.rotary.cos_sin(torch.arange(start, start + x.shape[1], device=x.device), h.dtype)
         for layer in self.layers:
-            h = layer(h, self.rotary, cos, sin, cache)
+            h = layer(h, cache)
         return self.norm(h)
 
 
@@ -301,14 +222,20 @@ class TimeMoE(nn.Module):
             raise ValueError(f"TimeMoE: input_size must be 1 (point-wise univariate tokens), got {input_size!r}")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                      "num_experts_per_tok", "num_experts", "max_position_embeddings"):
-            _positive_int(name, locals()[name])
+            require_int("TimeMoE", name, locals()[name])
         if isinstance(horizon_lengths, int):
             horizon_lengths = [horizon_lengths]
         horizons = list(horizon_lengths)
         if not horizons or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in horizons):
             raise ValueError(f"TimeMoE: horizon_lengths must be a non-empty list of ints >= 1, got {horizon_lengths!r}")
-        kv_heads = num_attention_heads if num_key_value_heads is None else _positive_int(
-            "num_key_value_heads", num_key_value_heads)
+        kv_heads = num_attention_heads if num_key_value_heads is None else require_int(
+            "TimeMoE", "num_key_value_heads", num_key_value_heads)
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"TimeMoE: hidden_size={hidden_size} must be divisible by num_attention_heads={num_attention_heads}")
+        if num_attention_heads % kv_heads:
+            raise ValueError(
+                f"TimeMoE: num_attention_heads={num_attention_heads} must be a multiple of num_key_value_heads={kv_heads}")
         if hidden_act not in _HF_ACTIVATIONS:
             raise ValueError(f"TimeMoE: hidden_act must be one of {sorted(_HF_ACTIVATIONS)}, got {hidden_act!r}")
         if not use_dense and num_experts_per_tok > num_experts:
@@ -339,11 +266,11 @@ class TimeMoE(nn.Module):
         activation = _HF_ACTIVATIONS[hidden_act]
         layers = [
             DecoderLayer(i, hidden_size, intermediate_size, num_attention_heads, kv_heads, num_experts,
-                         num_experts_per_tok, activation, rms_norm_eps, attention_dropout, self.use_dense, backend)
+                         num_experts_per_tok, activation, rms_norm_eps, rope_theta, attention_dropout, self.use_dense,
+                         backend)
             for i in range(num_hidden_layers)
         ]
-        self.model = TimeMoEBackbone(hidden_size, layers, activation, rms_norm_eps, rope_theta,
-                                     hidden_size // num_attention_heads)
+        self.model = TimeMoEBackbone(hidden_size, layers, activation, rms_norm_eps)
         self.lm_heads = nn.ModuleList(OutputHead(hidden_size, h) for h in horizons)
         # As the reference's dict: a repeated horizon maps to its last head.
         self._head_of = {h: i for i, h in enumerate(horizons)}
@@ -514,7 +441,7 @@ class TimeMoE(nn.Module):
         """A model from a folder (or HF hub repo id) holding the reference's ``config.json`` and
         ``model.safetensors`` (e.g. ``"Maple728/TimeMoE-50M"``).
 
-        The hub is reached through ``huggingface_hub.snapshot_download`` (its cache, HF_HUB_OFFLINE
+        The hub is reached through :func:`moezoo.zoo.hub.hub_download` (its cache, HF_HUB_OFFLINE
         and HF_HOME apply). Weights are loaded all-or-nothing by
         :func:`moezoo.zoo.checkpoint.load_checkpoint`: a missing or unexpected key or a wrong shape
         raises a ``CheckpointError`` naming the reference keys. The parameters are float32 whatever
@@ -529,10 +456,9 @@ class TimeMoE(nn.Module):
                 raise FileNotFoundError(
                     f"TimeMoE.from_pretrained: {path_or_hub_id!r} is neither a folder nor a hub id 'owner/name'"
                 )
-            from huggingface_hub import snapshot_download
+            from moezoo.zoo.hub import hub_download
 
-            folder = Path(snapshot_download(str(path_or_hub_id), revision=revision,
-                                            allow_patterns=[CONFIG_NAME, "*.safetensors"]))
+            folder = hub_download(str(path_or_hub_id), revision=revision, allow_patterns=[CONFIG_NAME, "*.safetensors"])
         config_file = folder / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"TimeMoE.from_pretrained: no {CONFIG_NAME} in {folder}")

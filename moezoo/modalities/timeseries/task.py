@@ -33,23 +33,17 @@ class Forecasting(MoETask):
         if not isinstance(model, TimeMoE):
             raise ValueError(f"Forecasting: model must be a TimeMoE, got {type(model).__name__}")
 
-    def _window_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+    def step(self, batch: dict[str, Tensor], stage: str) -> tuple[Tensor, int]:
+        """The training objective on windows (training and validation)."""
         x = batch["input_ids"]
-        self._batch_size = x.shape[0]
         out = self.model.loss(x, batch["labels"], batch.get("loss_mask"))
         on_step = stage == "train"
-        log = dict(batch_size=self._batch_size, on_step=on_step, on_epoch=True)
+        log = dict(batch_size=x.shape[0], on_step=on_step, on_epoch=True)
         self.log(f"{stage}/loss", out.loss.detach(), prog_bar=True, **log)
         self.log(f"{stage}/ar_loss", out.ar_loss.detach(), **log)
         if out.aux_loss is not None:
             self.log(f"{stage}/balance_loss", out.aux_loss.detach(), **log)
-        return out.loss
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self.add_aux_loss(self._window_step(batch, "train"), "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        self._window_step(batch, "val")
+        return out.loss, x.shape[0]
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         target = batch["target"]

@@ -3,63 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from moezoo.layers.moe import MoE, RouterFactory
-from moezoo.layers.routed import routed_layers
+from moezoo.layers.placement import moe_block_indices
 from moezoo.layers.soft_moe import SoftMoE
-from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
+from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, bpr_router_factory
 
-__all__ = [
-    "SoftMoEVisionTransformer",
-    "VMOE_LOSS_WEIGHTS",
-    "VisionTransformerMoE",
-    "bpr_router_factory",
-    "moe_block_indices",
-    "set_routing",
-]
-
-#: V-MoE's coefficients (configs/vmoe_paper: importance and load 0.005 each = 0.01 x their mean).
-VMOE_LOSS_WEIGHTS = {"importance": 0.005, "load": 0.005}
-
-
-def moe_block_indices(depth: int, placement: str | Sequence[int]) -> list[int]:
-    """Indices (0-based) of the blocks whose MLP becomes an MoE, counted as the reference does.
-
-    ``"every_n"``: blocks n-1, 2n-1, ... (``every_2`` = every odd block). ``"last_n"``: the last n
-    **odd** blocks (vmoe counts "Last n" over odd blocks: depth 8, last_2 -> 5, 7).
-    ``"final_n"``: the last n consecutive blocks (Soft MoE's placement). ``"none"``, or an explicit
-    list of indices.
-    """
-    if not isinstance(placement, str):
-        indices = sorted({int(i) for i in placement})
-        if any(not 0 <= i < depth for i in indices):
-            raise ValueError(f"moe_blocks indices must be in [0, depth={depth}), got {list(placement)}")
-        return indices
-    if placement == "none":
-        return []
-    kind, _, count = placement.partition("_")
-    if kind not in ("every", "last", "final") or not count.isdigit() or int(count) < 1:
-        raise ValueError(
-            f"moe_blocks must be 'every_<n>', 'last_<n>', 'final_<n>', 'none' or a list of block "
-            f"indices, got {placement!r}"
-        )
-    n = int(count)
-    if kind == "every":
-        return list(range(n - 1, depth, n))
-    if kind == "last":
-        odd = list(range(1, depth, 2))
-        if n > len(odd):
-            raise ValueError(f"moe_blocks={placement!r}: only {len(odd)} odd blocks in depth {depth}")
-        return odd[-n:]
-    if n > depth:
-        raise ValueError(f"moe_blocks={placement!r}: only {depth} blocks")
-    return list(range(depth - n, depth))
-
+__all__ = ["SoftMoEVisionTransformer", "VisionTransformerMoE"]
 
 class VisionTransformerMoE(VisionTransformer):
     """timm ``VisionTransformer`` with V-MoE layers: ``forward(images: (B, C, H, W)) -> (B, classes)``.
@@ -69,8 +24,8 @@ class VisionTransformerMoE(VisionTransformer):
     as in the reference. Defaults are the paper's: E=32, k=2, noise std 1/E, C=1.05, BPR, groups of
     8 images, capacity rounded up to a multiple of 4, identically initialised experts.
 
-    Args (beyond timm's ViT): 
-        moe_blocks: placement, see :func:`moe_block_indices` ("every_2", "last_2", ...).
+    Args (beyond timm's ViT):
+        moe_blocks: placement, see :func:`~moezoo.layers.placement.moe_block_indices` ("every_2", "last_2", ...).
         num_experts, k, noise_std, capacity_factor, eval_capacity_factor, batch_priority,
             capacity_multiple_of: the :class:`~moezoo.routers.BatchPrioritizedRouter` settings.
         group_images: images per routing group (group size = images x tokens per image).
@@ -166,26 +121,6 @@ class VisionTransformerMoE(VisionTransformer):
         return [self.blocks[i].mlp for i in self.moe_indices]
 
 
-def bpr_router_factory(k: int = 2, **kwargs) -> RouterFactory:
-    """A factory ``(dim, num_experts) -> BatchPrioritizedRouter(dim, num_experts, k, **kwargs)``."""
-
-    def build(dim: int, num_experts: int) -> BatchPrioritizedRouter:
-        return BatchPrioritizedRouter(dim, num_experts, k, **kwargs)
-
-    return build
-
-
-def set_routing(model: nn.Module, *, eval_capacity_factor: float | None = None,
-                batch_priority: bool | None = None) -> None:
-    """Change every router's evaluation capacity factor and/or BPR flag (V-MoE's inference knob)."""
-    for _, layer in routed_layers(model):
-        router = getattr(layer, "router", None)
-        if eval_capacity_factor is not None and hasattr(router, "eval_capacity_factor"):
-            router.eval_capacity_factor = float(eval_capacity_factor)
-        if batch_priority is not None and hasattr(router, "batch_priority"):
-            router.batch_priority = bool(batch_priority)
-
-
 class SoftMoEVisionTransformer(VisionTransformer):
     """Soft MoE ViT (Puigcerver et al. 2023): ``forward(images) -> (B, classes)``.
 
@@ -194,7 +129,7 @@ class SoftMoEVisionTransformer(VisionTransformer):
     routed per image.
 
     Args (beyond timm's ViT):
-        moe_blocks: placement (see :func:`moe_block_indices`); None = the last half of the blocks.
+        moe_blocks: placement (see :func:`~moezoo.layers.placement.moe_block_indices`); None = the last half of the blocks.
         num_experts: E (paper: 128 for S/16, B/16, L/16).
         slots_per_expert: p (paper default 1).
         expert_dropout: dropout inside the experts.

@@ -48,9 +48,9 @@ class ImageClassification(MoETask):
             self.mixup = Mixup(mixup_alpha=mixup_alpha, label_smoothing=label_smoothing, num_classes=classes)
         self.accuracy = nn.ModuleDict({s: MulticlassAccuracy(classes, average="micro") for s in ("train_", "val_", "test_")})
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, int]:
         images, labels = batch
-        self._batch_size = images.shape[0]
+        batch_size = images.shape[0]
         if stage == "train" and self.mixup is not None and images.shape[0] % 2 == 0:
             mixed, soft_targets = self.mixup(images, labels)
             logits = self.model(mixed)
@@ -62,18 +62,9 @@ class ImageClassification(MoETask):
         acc(logits.detach(), labels)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=on_step, on_epoch=True,
-                 batch_size=self._batch_size, sync_dist=True)
-        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=self._batch_size)
-        return loss
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self.add_aux_loss(self._shared_step(batch, "train"), "train")
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+                 batch_size=batch_size, sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=True, on_step=False, on_epoch=True, batch_size=batch_size)
+        return loss, batch_size
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
