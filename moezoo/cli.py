@@ -26,9 +26,26 @@ def _zoo_main(argv: Sequence[str]) -> int:
     ls = sub.add_parser("list", help="print the registry as a table")
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern")
     ls.add_argument("--pretrained", action="store_true", help="only entries with weights")
-    ev = sub.add_parser("eval", help="evaluate an entry (shipped weights, or --ckpt)")
+    ev = sub.add_parser("eval", help="evaluate an entry (published weights, or --ckpt)")
     ev.add_argument("name")
     ev.add_argument("--ckpt", default=None, help="a safetensors file/folder or a `moezoo fit` .ckpt")
+    ev.add_argument("--data-dir", default=None,
+                    help="data on disk for entries evaluated on it (vmoe entries: an ImageFolder tree, val/<class>/)")
+    ev.add_argument("--split", default=None, help="split folder under --data-dir (default: val)")
+    ev.add_argument("--batch-size", type=int, default=None, help="evaluation batch size (= routing groups' batch)")
+    conv = sub.add_parser("convert", help="convert a foreign checkpoint into an exported moezoo folder")
+    conv.add_argument("format", choices=["vmoe"])
+    conv.add_argument("source", help="a vmoe zoo entry, or a checkpoint prefix (local, gs://, https://)")
+    conv.add_argument("directory")
+    conv.add_argument("--k", type=int, default=None)
+    conv.add_argument("--group-images", type=int, default=None)
+    conv.add_argument("--group-size", type=int, default=None, help="routing group in tokens")
+    conv.add_argument("--capacity-factor", type=float, default=None)
+    conv.add_argument("--batch-priority", action=argparse.BooleanOptionalAction, default=None)
+    conv.add_argument("--capacity-multiple-of", type=int, default=None)
+    conv.add_argument("--bfloat16-dispatch", action=argparse.BooleanOptionalAction, default=None)
+    conv.add_argument("--img-size", type=int, default=None)
+    conv.add_argument("--ensemble-size", type=int, default=None)
     rel = sub.add_parser("release", help="ship a trained checkpoint: weights, results JSON, card")
     rel.add_argument("name")
     rel.add_argument("--ckpt", required=True)
@@ -54,7 +71,17 @@ def _zoo_main(argv: Sequence[str]) -> int:
     elif args.command == "eval":
         from moezoo.zoo.release import evaluate_entry
 
-        console.print_json(data=evaluate_entry(args.name, args.ckpt))
+        options = {k: v for k, v in (("data_dir", args.data_dir), ("split", args.split),
+                                      ("batch_size", args.batch_size)) if v is not None}
+        console.print_json(data=evaluate_entry(args.name, args.ckpt, **options))
+    elif args.command == "convert":
+        from moezoo.modalities.vision.vmoe_convert import convert_vmoe_checkpoint
+
+        routing = {k: getattr(args, k) for k in ("k", "group_images", "group_size", "capacity_factor",
+                                                 "batch_priority", "capacity_multiple_of", "bfloat16_dispatch",
+                                                 "img_size", "ensemble_size")}
+        target = convert_vmoe_checkpoint(args.source, args.directory, **routing)
+        console.print(f"converted {args.source} to {target}")
     elif args.command == "release":
         from moezoo.zoo.release import release
 

@@ -29,7 +29,7 @@ from moezoo.checks import require_int
 from moezoo.kernels import BACKENDS, expert_linear, expert_mlp, get_activation
 from moezoo.routers.routing import Routing
 
-__all__ = ["Dispatcher", "ExpertBank", "Experts", "LinearExperts", "LocalDispatcher", "combine_rows"]
+__all__ = ["Dispatcher", "ExpertBank", "Experts", "LinearExperts", "LocalDispatcher", "combine_rows", "round_to_bfloat16"]
 
 
 def round_to_bfloat16(x: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.checks import require_int
-from moezoo.layers.experts import Experts
+from moezoo.layers.experts import Experts, round_to_bfloat16
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.functional import soft_moe_weights
 from moezoo.routers.routing import Routing
@@ -30,8 +30,12 @@ class SoftMoE(RoutedLayer):
         hidden: hidden width of each expert MLP.
         num_experts: E.
         slots_per_expert: p (paper default 1).
-        activation, gated, bias, dropout, backend, bfloat16_dispatch: the expert MLPs (see
-            :class:`~moezoo.layers.experts.Experts`). vmoe's Soft MoE rounds dispatch to bf16.
+        activation, gated, bias, dropout, backend: the expert MLPs (see
+            :class:`~moezoo.layers.experts.Experts`).
+        bfloat16_dispatch: vmoe's ``SoftRouter`` numerics: the tokens are rounded to bf16 before they
+            are mixed into slots and the expert outputs before they are combined; the mixing and
+            combine weights and sums stay fp32. (The rounding is per token, before the mixing, so
+            the layer does it rather than the expert bank, whose option rounds each routed row.)
     """
 
     def __init__(
@@ -51,7 +55,8 @@ class SoftMoE(RoutedLayer):
         super().__init__()
         self.dim, self.slots_per_expert = dim, require_int("SoftMoE", "slots_per_expert", slots_per_expert)
         self.experts = Experts(dim, hidden, num_experts, activation, gated=gated, bias=bias, dropout=dropout,
-                               backend=backend, bfloat16_dispatch=bfloat16_dispatch)
+                               backend=backend)
+        self.bfloat16_dispatch = bool(bfloat16_dispatch)
         self.mu = nn.Parameter(torch.empty(dim, num_experts, slots_per_expert))
         self.scale = nn.Parameter(torch.ones(()))
         # flax lecun_normal, as the reference initialises mu.
@@ -73,7 +78,8 @@ class SoftMoE(RoutedLayer):
         groups, tokens, _ = x.shape
         dispatch, combine = soft_moe_weights(x, self.mu, self.scale)  # (G, M, E, P) each
         dispatch, combine = dispatch.to(x.dtype), combine.to(x.dtype)
-        slots = torch.einsum("gmd,gmep->gepd", x, dispatch).reshape(-1, self.dim)
+        tokens_in = round_to_bfloat16(x) if self.bfloat16_dispatch else x
+        slots = torch.einsum("gmd,gmep->gepd", tokens_in, dispatch).reshape(-1, self.dim)
         # Each slot row is one assignment to its own expert with weight 1.
         num_slots = slots.shape[0]
         expert = torch.arange(self.num_experts, device=x.device).repeat_interleave(self.slots_per_expert)
@@ -85,6 +91,8 @@ class SoftMoE(RoutedLayer):
             num_experts=self.num_experts,
         )
         outputs = self.experts(slots, routing).view(groups, self.num_experts, self.slots_per_expert, self.dim)
+        if self.bfloat16_dispatch:
+            outputs = round_to_bfloat16(outputs)
         y = torch.einsum("gepd,gmep->gmd", outputs, combine)
         with torch.no_grad():
             # An expert's "load" is the token mass it returns: its share of every token's combine weights.

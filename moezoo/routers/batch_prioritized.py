@@ -51,6 +51,13 @@ class BatchPrioritizedRouter(Router):
             the top-k probabilities, the paper's alternative).
         normalize: rescale each token's top-k weights to sum to 1 (not in V-MoE; sparse upcycling
             uses it so an upcycled model starts equal to its dense parent).
+        ensemble_size: M members of an efficient ensemble of experts (E^3, Allingham et al. 2021;
+            vmoe's ``NoisyTopExpertsPerItemEnsembleRouter``). The experts are split into M
+            consecutive blocks of E/M; token i of a group belongs to member ``i % M`` (the caller
+            interleaves the members' copies of each token) and is routed by a softmax over its
+            member's experts only, with noise std ``noise_std / (E / M)``. Capacity and priority
+            are those of the whole group; the losses are computed per member and averaged.
+            ``Routing.logits`` then holds -inf for the other members' experts.
 
     Losses (unweighted, averaged over groups): ``importance`` (clean softmax) always, ``load``
     when noise is applied (training with ``noise_std > 0``). V-MoE weighs each by 0.005.
@@ -70,6 +77,7 @@ class BatchPrioritizedRouter(Router):
         capacity_multiple_of: int | None = 4,
         priority: str = "max",
         normalize: bool = False,
+        ensemble_size: int = 1,
         check_finite: bool = True,
     ) -> None:
         if capacity_factor is None:
@@ -86,12 +94,27 @@ class BatchPrioritizedRouter(Router):
             raise ValueError(f"{name}: priority must be one of {_PRIORITIES}, got {priority!r}")
         self.priority = priority
         self.normalize = bool(normalize)
+        self.ensemble_size = require_int(name, "ensemble_size", ensemble_size)
+        if num_experts % self.ensemble_size:
+            raise ValueError(f"{name}: num_experts={num_experts} must be a multiple of ensemble_size={ensemble_size}")
+        if self.ensemble_size > 1 and self.k > num_experts // self.ensemble_size:
+            raise ValueError(f"{name}: k must be <= num_experts={num_experts} / ensemble_size={ensemble_size}, got k={k}")
+        if self.group_size is not None and self.group_size % self.ensemble_size:
+            raise ValueError(f"{name}: group_size={group_size} must be a multiple of ensemble_size={ensemble_size}")
 
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, noise_std={self.noise_std}, eval_capacity_factor={self.eval_capacity_factor}, "
             f"batch_priority={self.batch_priority}, group_size={self.group_size}"
+            + (f", ensemble_size={self.ensemble_size}" if self.ensemble_size > 1 else "")
         )
+
+    def _members(self, t: Tensor) -> Tensor:
+        """(groups, S, E) -> (groups, M, S/M, E/M): each member's tokens and experts (M = 1: a view)."""
+        m = self.ensemble_size
+        groups, size, experts = t.shape
+        blocks = t.reshape(groups, size // m, m, m, experts // m)
+        return torch.diagonal(blocks, dim1=2, dim2=3).permute(0, 3, 1, 2)
 
     def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
               capacity_groups: list[int] | None) -> Routing:
@@ -100,7 +123,15 @@ class BatchPrioritizedRouter(Router):
         one routing group for the auxiliary losses. It replaces ``group_size``."""
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
-        sigma = self.noise_std / num_experts
+        members = self.ensemble_size
+        if members > 1:
+            if num_tokens % members or capacity_groups is not None:
+                raise ValueError(f"{type(self).__name__}: with ensemble_size={members} the {num_tokens} tokens must be "
+                                 "whole copies per member, and capacity_groups cannot be used")
+            member = torch.arange(num_tokens, device=x.device) % members
+            owner = torch.arange(num_experts, device=x.device) // (num_experts // members)
+            logits = logits.masked_fill(member[:, None] != owner[None, :], float("-inf"))
+        sigma = self.noise_std / (num_experts // members)
         noisy = self.training and sigma > 0
         dispatch_logits = logits + sigma * torch.randn_like(logits) if noisy else logits
         probs = torch.softmax(dispatch_logits, dim=-1)
@@ -121,9 +152,10 @@ class BatchPrioritizedRouter(Router):
             return parts + ([t[full:].unsqueeze(0)] if full < num_tokens else [])
 
         def group_mean(loss_fn, *tensors: Tensor) -> Tensor:
-            # Per-group losses, averaged over groups (a smaller trailing group counts once).
+            # Per-group (and per-member) losses, averaged over groups (a smaller trailing group
+            # counts once).
             chunks = list(zip(*(per_group(t) for t in tensors)))
-            values = [loss_fn(*c) * c[0].shape[0] for c in chunks]
+            values = [loss_fn(*(self._members(t) for t in c)) * c[0].shape[0] for c in chunks]
             return torch.stack(values).sum() / sum(c[0].shape[0] for c in chunks)
 
         if self.normalize:

@@ -45,7 +45,8 @@ def render_card(entry: ModelEntry, results: dict[str, Any] | None, studies: list
 
     Parameter counts are computed from the entry's architecture (they are not measurements); every
     other figure comes from the recorded results. An entry without recorded results (a paper-size
-    architecture, or public weights not evaluated here) gets a card that says so.
+    architecture, or public weights not evaluated here) gets a card that says so, quoting the
+    publisher's figures (``card["published"]``) as published.
     """
     if results is None:
         return _architecture_card(entry)
@@ -167,6 +168,7 @@ def _architecture_card(entry: ModelEntry) -> str:
         "",
         "Not measured: moezoo has recorded no evaluation of this entry.",
         "",
+        *(["### Published results", "", info["published"], ""] if info.get("published") else []),
         "## Limitations",
         "",
         info.get("limitations", "Not evaluated in this repository."),

@@ -23,12 +23,14 @@ __all__ = [
     "ModelEntry",
     "PretrainedCfg",
     "create_model",
+    "download_url",
     "export_model",
     "get_entry",
     "list_models",
     "load_pretrained",
     "register_model",
     "shipped_weights",
+    "url_cache_path",
 ]
 
 _SOURCE_KINDS = ("package", "hf-hub", "url", "file")
@@ -48,6 +50,9 @@ class PretrainedCfg:
             length, tokenizer, ...).
         card: model card path relative to the repository (``model_cards/<entry>.md``).
         metrics: headline evaluation figures (copied from the card's evaluation JSON).
+        converter: ``"module:function"`` for weights published in a foreign format: called with
+            this cfg, it fetches them (with :func:`download_url`), converts them once to a
+            safetensors file in the download cache and returns that file's path.
     """
 
     source: str
@@ -56,6 +61,7 @@ class PretrainedCfg:
     input_spec: dict[str, Any] = field(default_factory=dict)
     card: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    converter: str | None = None
 
     def __post_init__(self) -> None:
         kind = self.source.split(":", 1)[0]
@@ -68,6 +74,9 @@ class PretrainedCfg:
 
     def resolve(self) -> Path:
         """A local path to the weights, downloading (or reading the hub cache) when needed."""
+        if self.converter is not None:
+            module, _, function = self.converter.partition(":")
+            return Path(getattr(importlib.import_module(module), function)(self))
         kind, rest = self.source.split(":", 1)
         if kind == "package":
             return Path(str(resources.files("moezoo.zoo").joinpath(rest)))
@@ -78,15 +87,33 @@ class PretrainedCfg:
 
             repo, _, filename = rest.partition(":")
             return hub_download(repo, filename or None, allow_patterns=["*.json", "*.safetensors"])
-        from torch.hub import download_url_to_file, get_dir
+        return download_url(rest, sha256=self.sha256)
 
-        # Keyed by the whole URL: two entries whose files share a name must not share a cache file.
-        url_key = hashlib.sha256(rest.encode()).hexdigest()[:16]
-        target = Path(get_dir()) / "moezoo" / url_key / Path(rest).name
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            download_url_to_file(rest, str(target), hash_prefix=self.sha256, progress=True)
-        return target
+
+def url_cache_path(url: str) -> Path:
+    """Where :func:`download_url` keeps ``url``: ``<torch hub dir>/moezoo/<url key>/<file name>``.
+
+    Keyed by the whole URL: two entries whose files share a name must not share a cache file.
+    """
+    from torch.hub import get_dir
+
+    url_key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(get_dir()) / "moezoo" / url_key / Path(url).name
+
+
+def download_url(url: str, target: Path | None = None, *, sha256: str | None = None) -> Path:
+    """``url`` as a local file (``target``, default :func:`url_cache_path`), downloaded once.
+
+    torch's downloader writes a temporary file and renames it when complete (and checks the
+    sha256 prefix when given), so an interrupted download leaves no file at ``target``.
+    """
+    from torch.hub import download_url_to_file
+
+    target = url_cache_path(url) if target is None else Path(target)
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        download_url_to_file(url, str(target), hash_prefix=sha256, progress=True)
+    return target
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def evaluate_entry(name: str, checkpoint: str | os.PathLike | None = None) -> dict[str, float]:
-    """The entry's headline metrics, with its shipped weights or ``checkpoint``."""
+def evaluate_entry(name: str, checkpoint: str | os.PathLike | None = None, **options) -> dict[str, float]:
+    """The entry's headline metrics, with its published weights or ``checkpoint``; ``options`` go
+    to the entry's evaluation function (e.g. ``data_dir`` for data on disk)."""
     from moezoo.zoo.registry import create_model
 
     entry = get_entry(name)
     model = create_model(name, pretrained=checkpoint is None, checkpoint_path=checkpoint)
-    return entry.evaluator()(model)
+    return entry.evaluator()(model, **options)
 
 
 def release(name: str, checkpoint: str | os.PathLike, *, dtype: str = "float16", root: Path = REPO_ROOT) -> dict:

@@ -145,7 +145,8 @@ def test_objective_adds_embedding_ctc_keyword_and_global_losses_with_their_weigh
     batch = {"features": features, "lengths": lengths, "targets": targets, "target_lengths": target_lengths,
              "keyword": torch.tensor([2, -1, 0]), "accent": torch.tensor([1, 0, -1]), "domain": torch.tensor([-1] * 3),
              "text": ["abc", "de", "f"]}
-    loss = task._shared_step(batch, "val")
+    loss, batch_size = task.step(batch, "val")
+    assert batch_size == 3
     out = model(features, lengths)
 
     def ctc(logits):  # summed over utterances, divided by the batch size

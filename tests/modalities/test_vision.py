@@ -191,10 +191,82 @@ def test_mixup_trains_on_soft_targets():
     images, labels = torch.randn(4, 1, 16, 16), torch.tensor([0, 1, 2, 3])
     # timm's Mixup draws its mixing weight from numpy and mixes the batch in place.
     torch.manual_seed(1), np.random.seed(0)
-    loss = task._shared_step((images.clone(), labels), "train")
+    loss, _ = task.step((images.clone(), labels), "train")
     # The same draw by hand: the batch mixed with its flip, the one-hot targets likewise.
     torch.manual_seed(1), np.random.seed(0)
     mixed, soft = task.mixup(images.clone(), labels)
     expected = torch.sum(-soft * F.log_softmax(model(mixed), dim=-1), dim=-1).mean()
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(soft.max(dim=-1).values, torch.ones(4))  # targets really are soft
+
+
+# -- the reference's conventions as constructor options -----------------------------------------
+
+def test_activation_reaches_the_dense_mlps_and_the_experts():
+    torch.manual_seed(4)
+    model = VisionTransformerMoE(**TINY, num_experts=4, activation="gelu_tanh")
+    x = torch.randn(3, 32)
+    mlp = model.blocks[0].mlp
+    expected = mlp.fc2(F.gelu(mlp.fc1(x), approximate="tanh"))
+    torch.testing.assert_close(mlp(x), expected)
+    assert model.moe_layers()[0].experts.activation == "gelu_tanh"
+    default = VisionTransformerMoE(**TINY, num_experts=4).blocks[0].mlp
+    torch.testing.assert_close(default(x), default.fc2(F.gelu(default.fc1(x))))  # exact GELU stays the default
+    with pytest.raises(ValueError, match="activation must be one of"):
+        SoftMoEVisionTransformer(**TINY, num_experts=4, activation="swish")
+
+
+def test_representation_layer_is_linear_tanh_before_the_head():
+    torch.manual_seed(5)
+    model = VisionTransformerMoE(**TINY, num_experts=4, representation_size=12).eval()
+    tokens = model.forward_features(torch.randn(2, 1, 16, 16))
+    features = torch.tanh(model.pre_logits.fc(tokens[:, 0]))
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), features)
+    torch.testing.assert_close(model.forward_head(tokens), model.head(features))
+    model.reset_classifier(5)
+    assert (model.head.in_features, model.head.out_features) == (12, 5)
+    assert isinstance(VisionTransformerMoE(**TINY, num_experts=4).pre_logits, torch.nn.Identity)
+    with pytest.raises(ValueError, match="representation_size"):
+        VisionTransformerMoE(**TINY, num_experts=4, representation_size=0)
+
+
+def test_routing_groups_in_tokens_or_images():
+    def group(**kwargs):
+        return VisionTransformerMoE(**TINY, num_experts=4, **kwargs).moe_layers()[0].router.group_size
+
+    assert (group(), group(group_images=2), group(group_size=24)) == (8 * 17, 2 * 17, 24)
+    with pytest.raises(ValueError, match="group_images or group_size, not both"):
+        group(group_images=2, group_size=24)
+
+
+def test_soft_moe_head_normalises_every_token_then_pools():
+    torch.manual_seed(6)
+    x = torch.randn(2, 1, 16, 16)
+    for fc_norm in (False, True):
+        model = SoftMoEVisionTransformer(**TINY, num_experts=4, fc_norm=fc_norm).eval()
+        tokens = model.blocks(model.norm_pre(model._pos_embed(model.patch_embed(x))))
+        norm = model.fc_norm if fc_norm else model.norm
+        pooled = norm(tokens).mean(1) if not fc_norm else norm(tokens.mean(1))
+        torch.testing.assert_close(model(x), model.head(pooled))
+
+
+def test_e3_partitions_experts_per_member_and_averages_their_probabilities():
+    torch.manual_seed(7)
+    model = VisionTransformerMoE(**TINY, num_experts=4, k=1, ensemble_size=2, moe_blocks=[1, 3]).eval()
+    layer = model.moe_layers()[0]
+    assert layer.router.ensemble_size == 2 and layer.router.group_size == 8 * 17 * 2
+    seen = {}
+    layer.router.register_forward_hook(lambda m, args, out: seen.update(x=args[0], routing=out))
+    x = torch.randn(3, 1, 16, 16)
+    members = model.forward_members(x)
+    assert members.shape == (6, 10)
+    routing = seen["routing"]
+    assert torch.equal(routing.token % 2, routing.expert // 2)  # token i belongs to member i % 2
+    # Before the first MoE block the two members' copies of a token are identical.
+    assert torch.equal(seen["x"][0::2], seen["x"][1::2])
+    expected = torch.log(torch.softmax(members, -1).view(3, 2, 10).mean(1))
+    torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match="needs at least one MoE block"):
+        VisionTransformerMoE(**TINY, num_experts=4, ensemble_size=2, moe_blocks="none")
+    with pytest.raises(ValueError, match="multiple of ensemble_size"):
+        VisionTransformerMoE(**TINY, num_experts=3, k=1, ensemble_size=2)

@@ -320,3 +320,45 @@ def test_a_models_router_is_chosen_in_yaml():
     routers = [layer.router for layer in model.moe_layers()]
     assert routers and all(isinstance(r, R.ExpertChoiceRouter) and r.num_experts == 4 and r.dim == 16 for r in routers)
     assert routers[0].capacity_factor == 0.5
+
+
+# -- E^3: experts partitioned per ensemble member ----------------------------------------------
+
+def test_bpr_ensemble_routes_each_member_to_its_own_experts():
+    # 4 experts, 2 members: tokens 0, 2 are member 0 (experts 0, 1), tokens 1, 3 member 1 (2, 3).
+    logits = torch.tensor([[3.0, 0.0, 9.0, 9.0], [9.0, 9.0, 0.5, 0.0], [2.0, 0.0, 0.0, 9.0], [9.0, 0.0, 0.0, 1.0]])
+    r = identity_router(R.BatchPrioritizedRouter, 4, k=1, capacity_factor=0.5, capacity_multiple_of=None,
+                        noise_std=0.0, ensemble_size=2).eval()
+    out = r(logits)
+    # capacity ceil(1 * 4 * 0.5 / 4) = 1 per expert over the whole group: tokens 0 and 2 both
+    # want expert 0; BPR keeps token 0 (softmax([3, 0]) beats softmax([2, 0])).
+    assert sorted(zip(out.token.tolist(), out.expert.tolist())) == [(0, 0), (1, 2), (3, 3)]
+    own = {0: [0, 1], 1: [2, 3], 3: [2, 3]}
+    expected = {t: torch.softmax(logits[t, own[t]], 0).max() for t in own}
+    assert all(torch.isclose(w, expected[t]) for t, w in zip(out.token.tolist(), out.weight))
+    assert torch.isinf(out.logits[0, 2:]).all() and torch.isinf(out.logits[1, :2]).all()
+
+
+def test_bpr_ensemble_importance_loss_is_the_members_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(12, 6)
+    r = identity_router(R.BatchPrioritizedRouter, 6, k=1, noise_std=0.0, ensemble_size=3, group_size=6).eval()
+    loss = r(logits).losses["importance"]
+
+    def cv2(p):  # population variance / mean^2 of the per-expert probability mass
+        mass = p.sum(0)
+        return mass.var(unbiased=False) / mass.mean() ** 2
+
+    expected = torch.stack([cv2(torch.softmax(logits[g * 6 + m : (g + 1) * 6 : 3, 2 * m : 2 * m + 2], -1))
+                            for g in range(2) for m in range(3)]).mean()
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_experts=6, ensemble_size=4), "multiple of ensemble_size"),
+    (dict(num_experts=4, ensemble_size=2, k=3), "k must be <= num_experts=4 / ensemble_size=2"),
+    (dict(num_experts=4, ensemble_size=2, group_size=5), "group_size=5 must be a multiple"),
+])
+def test_bpr_ensemble_construction_validates(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        R.BatchPrioritizedRouter(8, **{"k": 1, **kwargs})

@@ -62,6 +62,10 @@ class ImageDataModule(SplitDataModule):
             ``create_transform``) for folders; small random shifts for digits.
         auto_augment: timm auto-augment policy for folders, e.g. ``"rand-m10-n2"`` (RandAugment).
         mean, std: normalisation for folders (V-MoE scales pixels to [-1, 1]: 0.5 / 0.5).
+        crop_pct, crop_mode, interpolation: evaluation resizing for folders, as timm's
+            ``create_transform`` takes them (defaults: timm's, resize to image_size / 0.875 and
+            centre-crop, bilinear). vmoe's ``resize_small(256)|central_crop(224)`` is
+            ``crop_pct=224/256``; its ``resize(384)`` is ``crop_pct=1.0, crop_mode="squash"``.
         rotate90: quarter turns applied to the built-in digits (a shifted task for fine-tuning demos).
     """
 
@@ -78,6 +82,9 @@ class ImageDataModule(SplitDataModule):
         auto_augment: str | None = None,
         mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
         std: tuple[float, float, float] = (0.5, 0.5, 0.5),
+        crop_pct: float | None = None,
+        crop_mode: str | None = None,
+        interpolation: str = "bilinear",
         rotate90: int = 0,
     ) -> None:
         super().__init__()
@@ -94,6 +101,11 @@ class ImageDataModule(SplitDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.seed, self.augment = num_workers, seed, augment
         self.auto_augment, self.mean, self.std = auto_augment, tuple(mean), tuple(std)
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1] or None, got {crop_pct}")
+        if crop_mode not in (None, "center", "squash", "border"):
+            raise ValueError(f"crop_mode must be None, 'center', 'squash' or 'border', got {crop_mode!r}")
+        self.crop_pct, self.crop_mode, self.interpolation = crop_pct, crop_mode, interpolation
         if rotate90 and dataset != "digits":
             raise ValueError(f"rotate90 applies to the built-in digits only, got dataset={dataset!r}")
         self.rotate90 = rotate90 % 4
@@ -110,12 +122,16 @@ class ImageDataModule(SplitDataModule):
     def _transform(self, train: bool):
         from timm.data import create_transform
 
+        training = self.augment and train
+        crop = {} if training else {"crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
         return create_transform(
             self.image_size,
-            is_training=self.augment and train,
+            is_training=training,
             auto_augment=self.auto_augment if train else None,
+            interpolation=self.interpolation,
             mean=self.mean,
             std=self.std,
+            **crop,
         )
 
     def _folder(self, split: str):

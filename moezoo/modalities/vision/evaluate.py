@@ -9,7 +9,7 @@ from torch import nn
 from moezoo.layers.routed import routed_layers
 from moezoo.modalities.vision.data import ImageDataModule
 
-__all__ = ["evaluate_classifier", "evaluate_digits"]
+__all__ = ["evaluate_classifier", "evaluate_digits", "evaluate_image_folder"]
 
 
 @torch.no_grad()
@@ -39,3 +39,29 @@ def evaluate_classifier(model: nn.Module, datamodule: ImageDataModule, split: st
 def evaluate_digits(model: nn.Module) -> dict[str, float]:
     """:func:`evaluate_classifier` on the 270 held-out built-in digits (16 px, batches of 64)."""
     return evaluate_classifier(model, ImageDataModule("digits", image_size=16, eval_batch_size=64), "test")
+
+
+def evaluate_image_folder(model: nn.Module, data_dir: str | None = None, *, split: str = "val",
+                          batch_size: int = 64, num_workers: int = 0) -> dict[str, float]:
+    """:func:`evaluate_classifier` on an ImageFolder tree (``data_dir/val/<class>/*.JPEG``, e.g.
+    ILSVRC2012) with the model's own preprocessing: its ``pretrained_cfg.input_spec`` (a vmoe
+    entry's: resolution, resizing as its config, pixels in [-1, 1]).
+
+    Batches of ``batch_size`` images form the routing groups, so keep it a multiple of the
+    entry's images per group (8) for the released configs' routing.
+    """
+    if not data_dir:
+        raise ValueError("evaluate_image_folder needs data_dir: a folder holding val/<class>/<images> "
+                         "(moezoo zoo eval NAME --data-dir DIR)")
+    cfg = getattr(model, "pretrained_cfg", None)
+    spec = getattr(cfg, "input_spec", None) or {}
+    if "image_size" not in spec:
+        raise ValueError("evaluate_image_folder: the model has no pretrained_cfg.input_spec with an image_size")
+    channels = spec.get("channels", 3)
+    datamodule = ImageDataModule(
+        "folder", root=data_dir, image_size=spec["image_size"], batch_size=batch_size, num_workers=num_workers,
+        mean=(spec.get("mean", 0.5),) * channels, std=(spec.get("std", 0.5),) * channels,
+        crop_pct=spec.get("crop_pct"), crop_mode=spec.get("crop_mode"),
+        interpolation=spec.get("interpolation", "bilinear"),
+    )
+    return evaluate_classifier(model, datamodule, split)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
-from moezoo.modalities.vision.model import VisionTransformerMoE
-from moezoo.zoo.registry import register_model, shipped_weights
+from moezoo.modalities.vision.model import SoftMoEVisionTransformer, VisionTransformerMoE
+from moezoo.modalities.vision.vmoe_checkpoint import GCS_HTTPS
+from moezoo.zoo.registry import PretrainedCfg, register_model, shipped_weights
 
 #: V-MoE backbone sizes (MODELS.md §1a; note V-MoE "S" has 8 layers).
 VMOE_SIZES = {
@@ -103,4 +104,142 @@ register_model(
         ),
     },
     **VIT_TI_DIGITS,
+)
+
+
+# -- google-research/vmoe's released checkpoints ----------------------------------------------
+#
+# Architectures and routing as vmoe's config files (vmoe/configs at 942a78b) set them; the
+# weights are converted from vmoe's msgpack shards on first use (vmoe_convert.zoo_weights).
+
+_VMOE_S32 = dict(patch_size=32, embed_dim=512, depth=8, num_heads=8, mlp_ratio=4.0, moe_blocks=[5, 7], num_experts=8)
+_VMOE_B16 = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 moe_blocks=[1, 3, 5, 7, 9, 11], num_experts=8)
+#: vmoe's routing at inference in every released config: top-k per 8-image group (the E^3
+#: CIFAR-100 config: 128 images), capacity rounded up to a multiple of 4, no BPR, bfloat16
+#: dispatch, the tanh GELU.
+_VMOE_ROUTING = dict(activation="gelu_tanh", batch_priority=False, capacity_multiple_of=4, group_images=8,
+                     bfloat16_dispatch=True)
+
+_RESIZE_SMALL = "resize_small(256)|central_crop(224)|value_range(-1,1)"
+
+
+def _input(size: int, pipeline: str) -> dict:
+    squash = pipeline.startswith("resize(")
+    return {"image_size": size, "channels": 3, "mean": 0.5, "std": 0.5, "pixel_range": "[-1, 1]",
+            "vmoe_preprocessing": pipeline, "crop_pct": 1.0 if squash else 224 / 256,
+            "crop_mode": "squash" if squash else "center", "interpolation": "bilinear"}
+
+
+#: name -> (architecture and routing, preprocessing, description, published results, notes)
+VMOE_RELEASES = {
+    "vmoe_s32_last2_ilsvrc2012_randaug_light1": (
+        dict(_VMOE_S32, img_size=224, num_classes=1000, representation_size=512, k=2, capacity_factor=1.05,
+             eval_capacity_factor=4.0),
+        _input(224, _RESIZE_SMALL),
+        "V-MoE-S/32 (8 blocks), E=8 in blocks 5 and 7, k=2, trained on ILSVRC2012 with RandAugment (light1) for "
+        "300 epochs, 224px",
+        "configs/vmoe_paper/vmoe_s32_last2_ilsvrc2012_randaug_light1.py (mean of 3 runs): ILSVRC2012 held-out "
+        "train[99%:] 76.8%, ILSVRC2012 validation set (vmoe's 'test') 73.1%, ReaL 74.4%, ImageNet V2 59.2%.",
+        "Evaluated by its config at capacity factor 4.0 (trained at 1.05).",
+    ),
+    "vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012": (
+        dict(_VMOE_S32, img_size=384, num_classes=1000, k=2, capacity_factor=1.5, eval_capacity_factor=1.5),
+        _input(384, "resize(384)|value_range(-1,1)"),
+        "V-MoE-S/32 light1 fine-tuned on ILSVRC2012 at 384px (E=8 in blocks 5 and 7, k=2, no pre-logits)",
+        "configs/vmoe_paper/vmoe_s32_last2_ilsvrc2012_randaug_light1_ft_ilsvrc2012.py (mean of 3 fine-tuning "
+        "runs): ILSVRC2012 held-out train[99%:] 78.8%, ILSVRC2012 validation set 75.9%, ReaL 77.1%, ImageNet V2 "
+        "62.0%.",
+        "",
+    ),
+    "vmoe_s32_last2_ilsvrc2012_randaug_medium": (
+        dict(_VMOE_S32, img_size=224, num_classes=1000, representation_size=512, k=2, capacity_factor=1.05,
+             eval_capacity_factor=4.0),
+        _input(224, _RESIZE_SMALL),
+        "V-MoE-S/32, E=8 in blocks 5 and 7, k=2, trained on ILSVRC2012 with RandAugment (medium) for 1000 epochs, "
+        "224px",
+        "none in the vmoe repository.",
+        "vmoe ships no config for this checkpoint: architecture, routing and preprocessing are assumed equal to "
+        "the light1 config's (the README describes it as the same model trained longer).",
+    ),
+    "vmoe_b16_imagenet21k_randaug_strong": (
+        dict(_VMOE_B16, img_size=224, num_classes=21843, k=2, capacity_factor=1.05, eval_capacity_factor=1.05),
+        _input(224, _RESIZE_SMALL),
+        "V-MoE-B/16, E=8 in every odd block, k=2, trained on ImageNet-21k with RandAugment (strong), 224px",
+        "none for this checkpoint; configs/vmoe_paper/vmoe_b16_imagenet21k_randaug_strong_ft_cifar10.py reports "
+        "98.7% CIFAR-10 test accuracy after fine-tuning it (that fine-tuned checkpoint is not released).",
+        "Architecture as configs/vmoe_paper/pretrain_imagenet21k.py (no pre-logits layer); if the released file "
+        "has one, pass representation_size=768.",
+    ),
+    "vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012": (
+        dict(_VMOE_B16, img_size=384, num_classes=1000, k=2, capacity_factor=1.5, eval_capacity_factor=1.5),
+        _input(384, "resize(384)|value_range(-1,1)"),
+        "V-MoE-B/16 (ImageNet-21k) fine-tuned on ILSVRC2012 at 384px, E=8 in every odd block, k=2",
+        "configs/vmoe_paper/vmoe_b16_imagenet21k_randaug_strong_ft_ilsvrc2012.py (mean of 3 fine-tuning runs): "
+        "ILSVRC2012 held-out train[99%:] 89.2%, ILSVRC2012 validation set 85.6%, ReaL 84.1%, ImageNet V2 76.1%.",
+        "",
+    ),
+    "eee_s32_last2_ilsvrc2012": (
+        dict(_VMOE_S32, img_size=224, num_classes=1000, representation_size=512, k=1, ensemble_size=2,
+             capacity_factor=1.5, eval_capacity_factor=1.5),
+        _input(224, _RESIZE_SMALL),
+        "E^3-S/32: 2 ensemble members x 4 of the 8 experts in blocks 5 and 7, k=1, trained on ILSVRC2012 with "
+        "RandAugment for 300 epochs, 224px",
+        "none in the vmoe repository.",
+        "vmoe ships no config for this checkpoint: routing (C=1.5) as its CIFAR-100 fine-tuning config, "
+        "preprocessing as the V-MoE ILSVRC2012 configs.",
+    ),
+    "eee_s32_last2_ilsvrc2012_ft_cifar100": (
+        dict(_VMOE_S32, img_size=128, num_classes=100, representation_size=512, k=1, ensemble_size=2,
+             capacity_factor=1.5, eval_capacity_factor=1.5, group_images=128),
+        _input(128, "resize(128)|value_range(-1,1)"),
+        "E^3-S/32 fine-tuned on CIFAR-100 at 128px: 2 members x 4 of the 8 experts in blocks 5 and 7, k=1",
+        "configs/eee_paper/eee_s32_last2_ilsvrc2012_ft_cifar100.py: CIFAR-100 test accuracy 81.31% (mean of 3 "
+        "fine-tuning runs).",
+        "Its config routes groups of 128 images (per device), not 8.",
+    ),
+}
+
+for _name, (_args, _spec, _description, _published, _notes) in VMOE_RELEASES.items():
+    register_model(
+        _name,
+        VisionTransformerMoE,
+        modality="vision",
+        description=_description,
+        pretrained_cfg=PretrainedCfg(
+            source=f"url:{GCS_HTTPS}vmoe_checkpoints/{_name}",
+            converter="moezoo.modalities.vision.vmoe_convert:zoo_weights",
+            input_spec=_spec,
+            card=f"model_cards/{_name}.md",
+        ),
+        evaluate="moezoo.modalities.vision.evaluate:evaluate_image_folder",
+        card={
+            "tags": ["moezoo", "mixture-of-experts", "v-moe", "vision", "google-research-vmoe"],
+            "architecture": (
+                f"Google's released checkpoint `gs://vmoe_checkpoints/{_name}` (google-research/vmoe), fetched "
+                f"over HTTPS from `{GCS_HTTPS}vmoe_checkpoints/{_name}` and converted to safetensors on first "
+                "use. Inputs: RGB, vmoe preprocessing "
+                f"`{_spec['vmoe_preprocessing']}` (pixels scaled to [-1, 1]). Routing as its vmoe config: "
+                "top-k per group of images, no Batch Prioritized Routing, capacity rounded up to a multiple of 4, "
+                "expert inputs and outputs rounded to bfloat16, tanh GELU. " + _notes
+            ).strip(),
+            "published": f"From vmoe's config files, as published: {_published} Not measured here.",
+        },
+        **_VMOE_ROUTING | _args,
+    )
+
+register_model(
+    "vmoe_vit",
+    VisionTransformerMoE,
+    modality="vision",
+    description="V-MoE / E^3 ViT of any architecture (the constructor's defaults otherwise): what `moezoo zoo "
+                "convert vmoe` exports for a checkpoint that is not a zoo entry",
+)
+
+register_model(
+    "soft_moe_vit",
+    SoftMoEVisionTransformer,
+    modality="vision",
+    description="Soft MoE ViT of any architecture (the constructor's defaults otherwise): what `moezoo zoo "
+                "convert vmoe` exports for a Soft MoE checkpoint",
 )
