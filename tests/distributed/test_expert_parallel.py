@@ -40,7 +40,7 @@ def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def _assert_grads_match(model, single, sharded: set[str], groups) -> None:
+def _assert_grads_match(model, single, sharded: set[str], groups, label: str = "") -> None:
     """Replicated parameters: the rank's own gradient. Expert shards: the gradient that the
     expert-parallel group's tokens give the single-process model, cut to this rank's shard."""
     from moezoo.layers.expert_parallel import expert_shards
@@ -57,7 +57,8 @@ def _assert_grads_match(model, single, sharded: set[str], groups) -> None:
         if p.grad is None:
             assert expected is None or not expected.any(), name
             continue
-        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(p.grad, expected, atol=1e-5, rtol=1e-4,
+                                   msg=lambda m, name=name: f"{label} {name}: {m}")
 
 
 def _worker(rank: int, world: int, port: int, case: str, size: int) -> None:
@@ -113,15 +114,15 @@ def test_expert_parallel_composes_with_data_parallel_replicas():
     mp.spawn(_worker, args=(4, free_port(), "top2", 2), nprocs=4, join=True)
 
 
-def _family_worker(rank: int, world: int, port: int, family: str) -> None:
+def _family_worker(rank: int, world: int, port: int, families: list[str]) -> None:
     _init(rank, world, port)
     try:
         from moezoo.layers.expert_parallel import expert_banks, init_expert_parallel, shard_experts
         from tests.distributed.families import FAMILIES
 
-        build, objective = FAMILIES[family]
         groups = init_expert_parallel(world)
-        for capacity in (False, True):
+        for family, capacity in [(f, c) for f in families for c in (False, True)]:
+            build, objective = FAMILIES[family]
             torch.manual_seed(0)
             model = build(capacity).train()
             single = copy.deepcopy(model)
@@ -133,16 +134,18 @@ def _family_worker(rank: int, world: int, port: int, family: str) -> None:
             torch.manual_seed(7 + rank)
             loss = objective(model, rank)
             loss.backward()
-            torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
-            _assert_grads_match(model, single, sharded, groups)
+            torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5, msg=f"{family}, capacity={capacity}")
+            _assert_grads_match(model, single, sharded, groups, f"{family}, capacity={capacity}:")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("family", ["vmoe", "soft_moe", "limoe", "time_moe", "speech_moe", "sigma_moe_lm"])
-def test_every_family_expert_parallel_equals_single_process(family):
-    """Outputs (the objective) and every gradient on 2 gloo processes, token dropping on and off."""
-    mp.spawn(_family_worker, args=(2, free_port(), family), nprocs=2, join=True)
+def test_every_family_expert_parallel_equals_single_process():
+    """V-MoE, Soft MoE, LIMoE, Time-MoE, SpeechMoE and the σ-MoE LM (with SwitchHead attention):
+    outputs (the objective) and every gradient on 2 gloo processes, token dropping on and off. One
+    pair of processes runs them all (process start-up dominates the cost)."""
+    families = ["vmoe", "soft_moe", "limoe", "time_moe", "speech_moe", "sigma_moe_lm"]
+    mp.spawn(_family_worker, args=(2, free_port(), families), nprocs=2, join=True)
 
 
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
