@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,8 @@ if INTERPRET:
 else:
     # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K 64/128 serve 16-bit inputs, 32/64
     # fp32 (the K tile is kept at 128 or 256 bytes of each row, see _ConfigRules); the 64x64 tiles
-    # fit the 99 KiB of consumer GPUs, gated and in fp32.
+    # fit the 99 KiB of consumer GPUs, gated and in fp32, and 64x64x32 on 8 warps is the gated
+    # GEMM's spill-free tile for FMA dots.
     _GEMM_TILES = [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 4),
@@ -93,17 +95,18 @@ else:
         (128, 64, 32, 8, 3),
         (64, 128, 32, 4, 3),
         (64, 64, 32, 4, 3),
+        (64, 64, 32, 8, 3),
     ]
-    # The backward kernel 3 keeps ~5 fp32 tiles live in its epilogue: at most 32 elements per
-    # thread avoids spills; one larger tile is left for the autotuner to weigh against them.
+    # The backward kernel 3 keeps ~5 fp32 tiles live in its epilogue: at most 32 accumulators per
+    # thread, 16 with TF32 (see _ACCUMULATORS).
     _EPILOGUE_TILES = [
         (128, 64, 64, 8, 4),
         (64, 128, 64, 8, 4),
         (128, 64, 64, 8, 3),
         (64, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
         (128, 64, 32, 8, 3),
         (64, 64, 32, 4, 3),
+        (64, 64, 32, 8, 3),
     ]
     # (BLOCK_P, BLOCK_Q, BLOCK_K = rows per step, num_warps, num_stages); every stage is a real
     # buffer here (see _wgrad_loop), so stages cost shared memory linearly.
@@ -114,6 +117,7 @@ else:
         (128, 64, 64, 4, 5),
         (64, 128, 64, 4, 4),
         (64, 64, 32, 4, 4),
+        (64, 64, 16, 4, 4),
     ]
     # Memory-bound reductions: bias column sums keep a (rows, columns) fp32 tile; the per-token sum
     # keeps one row, so it takes wider column blocks (16-byte loads over 128 threads).
@@ -143,47 +147,92 @@ def _device_target(index: int) -> _Target:
     return _Target(10 * major + minor, triton.compiler.max_shared_mem(index))
 
 
+# Register budgets that compile without spills, measured by compiling every candidate config for
+# sm_80 and sm_90 ahead of time (tests/kernels/test_triton_compile.py: Triton 3.8, ptxas 12.9, the
+# benchmark shapes, bf16/fp16/fp32 in both precisions; the measurements are in
+# benchmarks/results/triton_compile_candidates.json). What decides a spill is the number of fp32
+# accumulator values each thread holds, BLOCK_M * BLOCK_N (* 2 when gated) / (32 * num_warps),
+# against what the rest of the launch keeps live. The most per thread that no measured launch
+# spilled at, by launch role, for tensor-core dots: (sm_80 16-bit, sm_80 TF32, sm_90 16-bit,
+# sm_90 TF32); sm_90's values serve later GPUs too. TF32 on sm_80's mma.sync holds 32-bit operand
+# fragments, twice those of 16-bit types.
+_ACCUMULATORS = {
+    "plain": (64, 64, 128, 64),  # GEMM, no activation (forward GEMM 2, dx): sm_80 128x128 w4 spills 24-40 B
+    "activation": (64, 64, 64, 64),  # GEMM 1 with GELU, bias, z: 128 spills 344-1252 B
+    "gated": (64, 128, 64, 128),  # GEMM 1, two accumulators: 16-bit at 128 spills 8-3672 B, TF32 does not
+    "epilogue": (32, 16, 32, 16),  # kernel 3 (about five fp32 tiles live): 64 spills 24-3512 B, TF32 gated at 32 8-128 B
+    "wgrad": (128, 32, 128, 128),  # weight gradients: TF32 on sm_80 at 128 spills 32-48 B
+    "wgrad_db": (64, 32, 128, 128),  # with the bias column sums: 128 spills 72-526 B on sm_80
+}
+_FMA_ACCUMULATORS = 32
+
+
 @dataclass(frozen=True)
 class _ConfigRules:
     """Which autotune configs of one kernel can run a launch well on a target.
 
     The autotuner compiles and times every config it is given, and one that cannot launch (shared
     memory over the limit) only scores inf: when all of them fail it keeps the first and the real
-    launch raises OutOfResources. Configs are pruned before tuning instead (``early_config_prune``).
+    launch raises OutOfResources. A config that spills registers launches but runs slowly. Both are
+    pruned before tuning instead (``early_config_prune``), and so are the tiles meant for another
+    element size.
 
     Attributes:
         operand: the pointer argument whose element size sizes the operand tiles.
         m, n, k: the names of the tile sizes (rows, columns, reduction).
-        b_tiles: flag -> the kernel keeps two B tiles per stage when that flag is set (GLU).
+        role: the launch's arguments -> its key in :data:`_ACCUMULATORS`.
+        two_b_tiles: the flag with which the kernel keeps two B tiles (and accumulators) per stage.
         k_contiguous: the A tile is read along K, so K tiles narrower than 128 bytes of a row waste
             the 128-byte swizzled loads and wider than 256 bytes only add shared memory.
+        fma_block_k, fma_warps: BLOCK_K and num_warps of the configs kept for FMA dots (None: any).
     """
 
     operand: str
     m: str
     n: str
     k: str
+    role: Callable[[dict], str]
     two_b_tiles: str | None = None
     k_contiguous: bool = True
+    fma_block_k: int = 32
+    fma_warps: int | None = 8
+
+    def _b_tiles(self, args: dict) -> int:
+        return 2 if self.two_b_tiles is not None and args[self.two_b_tiles] else 1
 
     def shared_memory(self, config: triton.Config, args: dict) -> int:
-        """Bytes of the pipelined operand tiles: num_stages copies of the A and B tiles."""
+        """Bytes of the pipelined operand tiles: num_stages copies of the A and B tiles (sm_90
+        keeps num_stages buffers; sm_80 one fewer, which leaves room for reduction scratch)."""
         m, n, k = (config.kwargs[name] for name in (self.m, self.n, self.k))
-        b_tiles = 2 if self.two_b_tiles is not None and args[self.two_b_tiles] else 1
-        return (m * k + b_tiles * k * n) * config.num_stages * args[self.operand].element_size()
+        return (m * k + self._b_tiles(args) * k * n) * config.num_stages * args[self.operand].element_size()
+
+    def accumulators(self, config: triton.Config, args: dict) -> int:
+        """fp32 accumulator values per thread."""
+        m, n = config.kwargs[self.m], config.kwargs[self.n]
+        return m * n * self._b_tiles(args) // (32 * config.num_warps)
 
     def suits_dtype(self, config: triton.Config, args: dict) -> bool:
-        """Whether the config is meant for the launch's element size at all (the K tile width)."""
+        """Whether the config is meant for the launch's element size and dot at all."""
+        if args["PRECISION"] == "ieee":
+            return config.kwargs[self.k] == self.fma_block_k and self.fma_warps in (None, config.num_warps)
         return not self.k_contiguous or 128 <= config.kwargs[self.k] * args[self.operand].element_size() <= 256
 
     def rejection(self, config: triton.Config, args: dict, target: _Target) -> str | None:
         """Why ``config`` must not run this launch (``args``: the kernel's arguments by name) on
         ``target``, or None when it may."""
         if not self.suits_dtype(config, args):
-            return f"K tile of {config.kwargs[self.k] * args[self.operand].element_size()} bytes per row, not 128-256"
+            return "a tile meant for another element size or dot"
         smem = self.shared_memory(config, args)
         if smem > target.shared_memory:
             return f"needs {smem} bytes of shared memory, the target has {target.shared_memory}"
+        role = self.role(args)
+        if args["PRECISION"] == "ieee":
+            limit = _FMA_ACCUMULATORS
+        else:
+            tf32 = args[self.operand].element_size() == 4
+            limit = _ACCUMULATORS[role][2 * (target.capability >= 90) + tf32]
+        if self.accumulators(config, args) > limit:
+            return f"{self.accumulators(config, args)} accumulators per thread spill ({role}: at most {limit})"
         return None
 
     def __call__(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -199,9 +248,11 @@ class _ConfigRules:
 _GEMM_CONFIGS = _configs(_GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _EPILOGUE_CONFIGS = _configs(_EPILOGUE_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _WGRAD_CONFIGS = _configs(_WGRAD_TILES, ("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
-_GEMM_RULES = _ConfigRules("a_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", two_b_tiles="GATED")
-_EPILOGUE_RULES = _ConfigRules("dout_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K")
-_WGRAD_RULES = _ConfigRules("l_ptr", "BLOCK_P", "BLOCK_Q", "BLOCK_K", k_contiguous=False)
+_GEMM_RULES = _ConfigRules("a_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", two_b_tiles="GATED",
+                           role=lambda args: "gated" if args["GATED"] else "activation" if args["ACT"] else "plain")
+_EPILOGUE_RULES = _ConfigRules("dout_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", role=lambda args: "epilogue")
+_WGRAD_RULES = _ConfigRules("l_ptr", "BLOCK_P", "BLOCK_Q", "BLOCK_K", k_contiguous=False, fma_block_k=16, fma_warps=None,
+                            role=lambda args: "wgrad" if args["db_ptr"] is None else "wgrad_db")
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 
 

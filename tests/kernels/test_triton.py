@@ -456,8 +456,8 @@ def _config(m, n, k, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
     return triton.Config({names[0]: m, names[1]: n, names[2]: k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-def _gemm_args(dtype, gated):
-    return {"a_ptr": torch.empty(0, dtype=dtype), "GATED": gated, "ACT": 3 if gated else 0}
+def _gemm_args(dtype, gated, precision="tf32"):
+    return {"a_ptr": torch.empty(0, dtype=dtype), "GATED": gated, "ACT": 3 if gated else 0, "PRECISION": precision}
 
 
 def test_config_rules_count_shared_memory_per_stage_and_b_tile():
@@ -475,10 +475,32 @@ def test_config_rules_prune_what_the_target_cannot_hold():
     assert "245760 bytes" in tb._GEMM_RULES.rejection(big, gated_bf16, HOPPER)
     fp32_tile = _config(64, 64, 32, 4, 3)  # gated fp32: (2048 + 4096) * 3 * 4 = 73728 bytes
     assert tb._GEMM_RULES.rejection(fp32_tile, gated_fp32, AMPERE) is None
-    assert "K tile of 64 bytes" in tb._GEMM_RULES.rejection(fp32_tile, gated_bf16, AMPERE)  # not a 16-bit tile
+    assert "another element size" in tb._GEMM_RULES.rejection(fp32_tile, gated_bf16, AMPERE)  # 64-byte K rows
     # The weight-gradient kernel's K is its rows, not a contiguous dimension: no width rule there.
     wgrad = _config(64, 64, 32, 4, 4, names=("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
-    assert tb._WGRAD_RULES.rejection(wgrad, {"l_ptr": torch.empty(0, dtype=torch.bfloat16)}, AMPERE) is None
+    wgrad_args = {"l_ptr": torch.empty(0, dtype=torch.bfloat16), "PRECISION": "tf32", "db_ptr": None}
+    assert tb._WGRAD_RULES.rejection(wgrad, wgrad_args, AMPERE) is None
+
+
+def test_config_rules_prune_what_would_spill():
+    """Accumulators per thread = BLOCK_M * BLOCK_N (* 2 gated) / (32 * num_warps), against the
+    measured budget of the launch's role, target and dot."""
+    gated_bf16 = _gemm_args(torch.bfloat16, True)
+    assert tb._GEMM_RULES.accumulators(_config(128, 128, 64, 8, 4), gated_bf16) == 128
+    assert "128 accumulators" in tb._GEMM_RULES.rejection(_config(128, 128, 64, 8, 4), gated_bf16, HOPPER)
+    assert tb._GEMM_RULES.rejection(_config(128, 64, 64, 8, 4), gated_bf16, HOPPER) is None  # 64
+    # A plain GEMM holds twice as many on sm_90 (128x256 on 8 warps), not on sm_80.
+    plain_bf16 = _gemm_args(torch.bfloat16, False)
+    assert tb._GEMM_RULES.rejection(_config(128, 256, 64, 8, 3), plain_bf16, HOPPER) is None
+    assert "128 accumulators" in tb._GEMM_RULES.rejection(_config(128, 256, 64, 8, 3), plain_bf16, AMPERE)
+    # Kernel 3 in TF32 keeps 16 (64x64 on 8 warps), 16-bit 32 (64x64 on 4 warps).
+    epilogue = {"dout_ptr": torch.empty(0, dtype=torch.float32), "PRECISION": "tf32"}
+    assert "32 accumulators" in tb._EPILOGUE_RULES.rejection(_config(64, 64, 32, 4, 3), epilogue, HOPPER)
+    assert tb._EPILOGUE_RULES.rejection(_config(64, 64, 32, 8, 3), epilogue, HOPPER) is None
+    # FMA dots (fp32 "highest"): 32-wide K tiles on 8 warps only.
+    fma = _gemm_args(torch.float32, True, precision="ieee")
+    assert tb._GEMM_RULES.rejection(_config(64, 64, 32, 8, 3), fma, AMPERE) is None
+    assert "another element size or dot" in tb._GEMM_RULES.rejection(_config(64, 64, 32, 4, 3), fma, AMPERE)
 
 
 def test_config_rules_say_why_nothing_fits(monkeypatch):
