@@ -52,8 +52,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from moezoo.kernels.activations import get_activation
-from moezoo.kernels.torch_backend import expert_mlp_torch
 from moezoo.kernels.sorting import sort_by_expert
+from moezoo.kernels.torch_backend import expert_mlp_torch
 
 __all__ = ["INTERPRET", "expert_mlp_triton"]
 
