@@ -184,7 +184,7 @@ class _ConfigRules:
         two_b_tiles: the flag with which the kernel keeps two B tiles (and accumulators) per stage.
         k_contiguous: the A tile is read along K, so K tiles narrower than 128 bytes of a row waste
             the 128-byte swizzled loads and wider than 256 bytes only add shared memory.
-        fma_block_k, fma_warps: BLOCK_K and num_warps of the configs kept for FMA dots (None: any).
+        fma_tiles: the (m, n, k, num_warps) kept for FMA dots.
     """
 
     operand: str
@@ -192,10 +192,9 @@ class _ConfigRules:
     n: str
     k: str
     role: Callable[[dict], str]
+    fma_tiles: frozenset[tuple[int, int, int, int]]
     two_b_tiles: str | None = None
     k_contiguous: bool = True
-    fma_block_k: int = 32
-    fma_warps: int | None = 8
 
     def _b_tiles(self, args: dict) -> int:
         return 2 if self.two_b_tiles is not None and args[self.two_b_tiles] else 1
@@ -214,7 +213,8 @@ class _ConfigRules:
     def suits_dtype(self, config: triton.Config, args: dict) -> bool:
         """Whether the config is meant for the launch's element size and dot at all."""
         if args["PRECISION"] == "ieee":
-            return config.kwargs[self.k] == self.fma_block_k and self.fma_warps in (None, config.num_warps)
+            tile = tuple(config.kwargs[name] for name in (self.m, self.n, self.k)) + (config.num_warps,)
+            return tile in self.fma_tiles
         return not self.k_contiguous or 128 <= config.kwargs[self.k] * args[self.operand].element_size() <= 256
 
     def rejection(self, config: triton.Config, args: dict, target: _Target) -> str | None:
@@ -249,10 +249,13 @@ _GEMM_CONFIGS = _configs(_GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _EPILOGUE_CONFIGS = _configs(_EPILOGUE_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _WGRAD_CONFIGS = _configs(_WGRAD_TILES, ("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
 _GEMM_RULES = _ConfigRules("a_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", two_b_tiles="GATED",
-                           role=lambda args: "gated" if args["GATED"] else "activation" if args["ACT"] else "plain")
-_EPILOGUE_RULES = _ConfigRules("dout_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", role=lambda args: "epilogue")
-_WGRAD_RULES = _ConfigRules("l_ptr", "BLOCK_P", "BLOCK_Q", "BLOCK_K", k_contiguous=False, fma_block_k=16, fma_warps=None,
-                            role=lambda args: "wgrad" if args["db_ptr"] is None else "wgrad_db")
+                           role=lambda args: "gated" if args["GATED"] else "activation" if args["ACT"] else "plain",
+                           fma_tiles=frozenset({(128, 64, 32, 8), (64, 64, 32, 8)}))
+_EPILOGUE_RULES = _ConfigRules("dout_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", role=lambda args: "epilogue",
+                               fma_tiles=frozenset({(128, 64, 32, 8)}))
+_WGRAD_RULES = _ConfigRules("l_ptr", "BLOCK_P", "BLOCK_Q", "BLOCK_K", k_contiguous=False,
+                            role=lambda args: "wgrad" if args["db_ptr"] is None else "wgrad_db",
+                            fma_tiles=frozenset({(64, 64, 16, 4)}))
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 
 
