@@ -1,14 +1,20 @@
 """Speed and memory of the expert computation: moezoo's Triton and torch backends against a dense MLP
 with the same active FLOPs (cuBLAS), and optional peers (ScatterMoE, MegaBlocks).
 
-    python benchmarks/kernels.py --device cuda --dtype bf16 --shapes all
-    python benchmarks/kernels.py --device cpu --shapes tiny --out /tmp/kernels_cpu.json   # smoke check
+    python benchmarks/kernels.py --device cuda --dtype bf16 --shapes all --time-budget 240
+    TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --shapes tiny --tokens 32 --warmup 0 --iters 1
 
 For every shape: forward and forward+backward time (median over ``--iters`` after ``--warmup``;
 CUDA events on the GPU), TFLOP/s (forward 2*A*D*W + 2*A*H*Dout, forward+backward three times
-that), and peak memory above what was allocated before the call (parameter gradients included).
-Routing is uniform random top-k (balanced in expectation). Peers load from an ignored ``peers/``
-folder at the repository root when present; otherwise the JSON says why they are missing.
+that), and peak memory above what was allocated before the call, with and without the method's
+parameter gradients (a MoE has E/k times the dense layer's parameters, so its gradients alone
+would decide a comparison of the totals). Routing is uniform random top-k (balanced in
+expectation). The JSON is rewritten after every method, so a run stopped by a time limit keeps
+what it measured; ``--time-budget`` skips what would start after the budget is spent.
+
+Peers load from an ignored ``peers/`` folder at the repository root when present; otherwise the
+JSON says why they are missing. ScatterMoE runs on moezoo's own weights (so its output and input
+gradient are compared with moezoo's); MegaBlocks keeps its own initialisation (timed only).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moezoo.kernels import get_activation  # noqa: E402
-from moezoo.kernels.torch_backend import expert_mlp_torch  # noqa: E402
+from moezoo.kernels.torch_backend import expert_mlp_torch, grouped_mm_available  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -131,18 +137,36 @@ def _dense(shape: Shape, p: dict[str, Tensor]) -> Runner:
 
 
 def _scattermoe(shape: Shape, p: dict[str, Tensor]) -> Runner:
+    """ScatterMoE's MLP holding copies of moezoo's weights.
+
+    ScatterMoE stores (E, out, in) and splits its GLU projection as ``h, gates = chunk(2)`` with
+    ``act(gates) * h``, i.e. [up | gate], where moezoo's w_in is (E, in, out) with [gate | up].
+    """
     from scattermoe import mlp as scatter_mlp
 
+    activation = {"silu": torch.nn.SiLU(), "gelu": torch.nn.GELU()}[shape.activation]
     if shape.gated:
-        module = scatter_mlp.GLUMLP(shape.dim, shape.hidden, shape.experts, shape.k, activation=torch.nn.SiLU())
+        module = scatter_mlp.GLUMLP(shape.dim, shape.hidden, shape.experts, shape.k, bias=shape.bias,
+                                    activation=activation)
     else:
         module = scatter_mlp.MLP(shape.dim, shape.hidden, shape.experts, shape.k, bias=shape.bias,
-                                 activation=torch.nn.GELU())
+                                 activation=activation)
     module = module.to(device=p["x"].device, dtype=p["x"].dtype)
+
+    def up_first(w: Tensor) -> Tensor:
+        return torch.cat([w[..., shape.hidden:], w[..., :shape.hidden]], dim=-1) if shape.gated else w
+
+    with torch.no_grad():
+        module.experts.weight.copy_(up_first(p["w_in"]).transpose(1, 2))
+        module.output_experts.weight.copy_(p["w_out"].transpose(1, 2))
+        if shape.bias:
+            module.experts.bias.copy_(up_first(p["b_in"]))
+            module.output_experts.bias.copy_(p["b_out"])
     return (lambda x: module(x, p["topk_weights"].to(x.dtype), p["topk_indices"])), list(module.parameters())
 
 
 def _megablocks(shape: Shape, p: dict[str, Tensor]) -> Runner:
+    from megablocks.layers import moe as megablocks_moe
     from megablocks.layers.arguments import Arguments
     from megablocks.layers.dmoe import ParallelDroplessMLP
 
@@ -151,13 +175,14 @@ def _megablocks(shape: Shape, p: dict[str, Tensor]) -> Runner:
         hidden_size=shape.dim, ffn_hidden_size=shape.hidden, moe_num_experts=shape.experts, moe_top_k=shape.k,
         mlp_type="glu" if shape.gated else "mlp", mlp_impl="grouped", bias=False,
         activation_fn=get_activation(shape.activation), bf16=x.dtype == torch.bfloat16, fp16=x.dtype == torch.float16,
-        device=x.device,
+        device=x.device, moe_loss_weight=0.0,  # > 0 appends each call's load-balancing loss to a global list
     )
     module = ParallelDroplessMLP(args)
     scores = torch.zeros(shape.tokens, shape.experts, device=x.device, dtype=x.dtype)
 
     def run(rows: Tensor) -> Tensor:
         out = module(rows.view(shape.tokens, 1, shape.dim), scores, p["topk_weights"].to(rows.dtype), p["topk_indices"])
+        megablocks_moe.clear_load_balancing_loss()  # nothing may accumulate between timed calls
         return (out[0] if isinstance(out, tuple) else out).view(shape.tokens, shape.dim)
     return run, list(module.parameters())
 
@@ -220,6 +245,9 @@ def measure(runner: Runner, shape: Shape, p: dict[str, Tensor], device: str, war
 
     fwd_ms = _time_ms(forward, device, warmup, iters)
     fwd_bwd_ms = _time_ms(forward_backward, device, warmup, iters)
+    fwd_bwd_peak = _peak_mb(forward_backward, device)
+    # The parameter gradients of the last call, all allocated during it (grads were reset).
+    grad_mb = sum(t.grad.numel() * t.grad.element_size() for t in leaves if t.grad is not None) / 2**20
     flops = shape.flops_forward()
     return {
         "fwd_ms": fwd_ms,
@@ -227,15 +255,61 @@ def measure(runner: Runner, shape: Shape, p: dict[str, Tensor], device: str, war
         "fwd_peak_mem_mb": _peak_mb(forward, device),
         "fwd_bwd_ms": fwd_bwd_ms,
         "fwd_bwd_tflops": 3 * flops / fwd_bwd_ms / 1e9,
-        "fwd_bwd_peak_mem_mb": _peak_mb(forward_backward, device),
+        "fwd_bwd_peak_mem_mb": fwd_bwd_peak,
+        "param_grad_mb": grad_mb,
+        "fwd_bwd_peak_mem_without_param_grads_mb": None if fwd_bwd_peak is None else fwd_bwd_peak - grad_mb,
     }
+
+
+def _torch_backend_label(shape: Shape, p: dict[str, Tensor]) -> str:
+    runs = "torch._grouped_mm" if grouped_mm_available(p["x"], p["w_in"]) else "a per-expert loop of torch.mm"
+    return f"moezoo torch backend: {runs}"
+
+
+LABELS: dict[str, Callable[[Shape, dict[str, Tensor]], str]] = {
+    "moezoo_torch": _torch_backend_label,
+    "moezoo_triton": lambda shape, p: "moezoo Triton kernels",
+    "dense": lambda shape, p: f"dense MLP of hidden k*H = {shape.k * shape.hidden} (cuBLAS): equal active FLOPs",
+    "scattermoe": lambda shape, p: "ScatterMoE (peers/scattermoe) on moezoo's weights",
+    "megablocks": lambda shape, p: "MegaBlocks dMoE, grouped GEMM, its own weights",
+}
+
+# The targets moezoo's Triton kernels are held to (bf16 forward+backward on the GPU).
+TARGETS = {
+    "fwd_bwd_tflops_vs_dense": ">= 0.85: throughput at least 0.85 x the dense MLP of equal active FLOPs",
+    "fwd_bwd_ms_vs_scattermoe": "<= 1: no slower than ScatterMoE on the same weights",
+    "fwd_bwd_peak_mem_vs_dense": "<= 1.1: peak memory without parameter gradients at most 1.1 x the dense MLP's",
+}
+
+
+def _targets(results: dict[str, dict], dtype: str, device: str) -> dict[str, dict[str, object]]:
+    """Each target's ratio and whether it is met (None where it cannot be judged here)."""
+    ours = results.get("moezoo_triton")
+    dense, scatter = results.get("dense"), results.get("scattermoe")
+    applies = dtype == "bf16" and device == "cuda"
+
+    def ratio(a, b):
+        return None if a is None or b is None else a / b
+
+    values = {
+        "fwd_bwd_tflops_vs_dense": ratio(ours and ours["fwd_bwd_tflops"], dense and dense["fwd_bwd_tflops"]),
+        "fwd_bwd_ms_vs_scattermoe": ratio(ours and ours["fwd_bwd_ms"], scatter and scatter["fwd_bwd_ms"]),
+        "fwd_bwd_peak_mem_vs_dense": ratio(ours and ours["fwd_bwd_peak_mem_without_param_grads_mb"],
+                                           dense and dense["fwd_bwd_peak_mem_without_param_grads_mb"]),
+    }
+    bounds = {"fwd_bwd_tflops_vs_dense": lambda v: v >= 0.85, "fwd_bwd_ms_vs_scattermoe": lambda v: v <= 1.0,
+              "fwd_bwd_peak_mem_vs_dense": lambda v: v <= 1.1}
+    return {name: {"target": TARGETS[name], "value": value,
+                   "met": bounds[name](value) if applies and value is not None else None}
+            for name, value in values.items()}
 
 
 def available_methods(device: str, peers_dir: Path) -> tuple[dict[str, Method], dict[str, str]]:
     """The methods that can run here, and a note for each one that cannot."""
     methods: dict[str, Method] = {"moezoo_torch": _moezoo(expert_mlp_torch), "dense": _dense}
     notes: dict[str, str] = {}
-    if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if device == "cuda" or interpreted:
         from moezoo.kernels.triton_backend import expert_mlp_triton
 
         methods["moezoo_triton"] = _moezoo(expert_mlp_triton)
@@ -243,9 +317,11 @@ def available_methods(device: str, peers_dir: Path) -> tuple[dict[str, Method], 
         notes["moezoo_triton"] = "skipped: no CUDA device and TRITON_INTERPRET is not 1"
     if peers_dir.is_dir():
         sys.path.insert(0, str(peers_dir))
-    for name, method, module in [("scattermoe", _scattermoe, "scattermoe"), ("megablocks", _megablocks, "megablocks")]:
-        if device != "cuda":
-            notes[name] = "skipped: CUDA only"
+    # ScatterMoE is Triton only, so the interpreter runs it too; MegaBlocks needs its CUDA extensions.
+    for name, method, module, runs_here in [("scattermoe", _scattermoe, "scattermoe", device == "cuda" or interpreted),
+                                            ("megablocks", _megablocks, "megablocks", device == "cuda")]:
+        if not runs_here:
+            notes[name] = "skipped: needs CUDA" + ("" if name == "megablocks" else " or TRITON_INTERPRET=1")
             continue
         try:
             __import__(module)
@@ -256,42 +332,79 @@ def available_methods(device: str, peers_dir: Path) -> tuple[dict[str, Method], 
     return methods, notes
 
 
+def _outputs(runner: Runner, x: Tensor, grad_out: Tensor) -> tuple[Tensor, Tensor]:
+    """(output, gradient of <output, grad_out> w.r.t. x), in fp32."""
+    x = x.detach().clone().requires_grad_()
+    out = runner[0](x)
+    (dx,) = torch.autograd.grad(out, x, grad_out.to(out.dtype))
+    return out.detach().float(), dx.float()
+
+
+def _autotuned_configs() -> dict[str, dict[str, str]]:
+    """The config each autotuned moezoo kernel chose, per tuning key, so far in this process."""
+    from moezoo.kernels import triton_backend
+
+    return {name: {str(key): str(config) for key, config in kernel.cache.items()}
+            for name, kernel in vars(triton_backend).items() if name.endswith("_kernel") and hasattr(kernel, "cache")}
+
+
+class Budget:
+    """Wall time left for starting new measurements (``seconds=None``: no limit)."""
+
+    def __init__(self, seconds: float | None):
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.seconds = seconds
+
+    def spent(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
 def bench_shape(name: str, shape: Shape, methods: dict[str, Method], base_notes: dict[str, str], device: str,
-                dtype: torch.dtype, warmup: int, iters: int) -> dict[str, object]:
-    problem = make_problem(shape, device, dtype)
+                dtype_name: str, warmup: int, iters: int, budget: Budget,
+                save: Callable[[dict[str, object]], None]) -> dict[str, object]:
+    """Measure every method on one shape; ``save`` is called with the partial entry after each method."""
+    problem = make_problem(shape, device, DTYPES[dtype_name])
+    grad_out = torch.randn(shape.tokens, shape.dim, generator=torch.Generator().manual_seed(1)).to(device)
     notes = {**base_notes, **{k: v for k, v in _peer_notes(shape).items() if k in methods}}
-    results: dict[str, dict[str, float | None]] = {}
-    outputs: dict[str, Tensor] = {}
+    results: dict[str, dict[str, object]] = {}
+    agreement: dict[str, dict[str, float]] = {}
+    entry = {"config": asdict(shape), "flops_forward": shape.flops_forward(), "results": results,
+             "max_rel_diff_vs_moezoo_torch": agreement, "notes": notes}
+    reference: tuple[Tensor, Tensor] | None = None
     for method_name, method in methods.items():
+        if budget.spent():
+            notes[method_name] = f"skipped: the time budget of {budget.seconds} s was spent"
+            continue
         try:
             runner = method(shape, problem)
-            with torch.no_grad():
-                outputs[method_name] = runner[0](problem["x"]).float()
-            results[method_name] = measure(runner, shape, problem, device, warmup, iters)
+            start = time.perf_counter()
+            out, dx = _outputs(runner, problem["x"], grad_out)  # also the autotuning of the Triton kernels
+            first_call_s = time.perf_counter() - start
+            if method_name == "moezoo_torch":
+                reference = (out, dx)
+            elif method_name in ("moezoo_triton", "scattermoe") and reference is not None:
+                agreement[method_name] = {
+                    "out": ((out - reference[0]).abs().max() / reference[0].abs().max()).item(),
+                    "dx": ((dx - reference[1]).abs().max() / reference[1].abs().max()).item(),
+                }
+            del out, dx
+            results[method_name] = {"label": LABELS[method_name](shape, problem), "first_call_s": first_call_s,
+                                    **measure(runner, shape, problem, device, warmup, iters)}
+            if method_name == "moezoo_triton":
+                results[method_name]["autotuned"] = _autotuned_configs()
         except Exception as error:  # a failing method (e.g. a peer's API drift) is recorded, not fatal
             notes[method_name] = f"failed: {error!r}"
         print(f"  {name:13s} {method_name:14s} {results.get(method_name, notes.get(method_name))}", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
-    dense = results.get("dense")
-    if dense:
+        dense = results.get("dense")
         for result in results.values():
-            result["fwd_time_vs_dense"] = result["fwd_ms"] / dense["fwd_ms"]
-            result["fwd_bwd_time_vs_dense"] = result["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
-    agreement = {}
-    if "moezoo_torch" in outputs:
-        reference = outputs["moezoo_torch"]
-        scale = reference.abs().max().item()
-        for method_name in ("moezoo_triton", "scattermoe"):
-            if method_name in outputs:
-                agreement[method_name] = (outputs[method_name] - reference).abs().max().item() / scale
-    return {
-        "config": asdict(shape),
-        "flops_forward": shape.flops_forward(),
-        "results": results,
-        "max_rel_diff_vs_moezoo_torch": agreement,
-        "notes": notes,
-    }
+            if dense:
+                result["fwd_time_vs_dense"] = result["fwd_ms"] / dense["fwd_ms"]
+                result["fwd_bwd_time_vs_dense"] = result["fwd_bwd_ms"] / dense["fwd_bwd_ms"]
+        entry["targets"] = _targets(results, dtype_name, device)
+        save(entry)
+    return entry
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,6 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=None, help="override the tokens of every shape")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds after which no further method or shape is started (one running finishes)")
     parser.add_argument("--peers", type=Path, default=ROOT / "peers", help="folder holding scattermoe/megablocks")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default benchmarks/results/kernels_<device>.json)")
@@ -313,29 +428,42 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(names) - set(SHAPES))
     if unknown:
         parser.error(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
-    dtype = DTYPES[args.dtype]
+    if args.time_budget is not None and args.time_budget <= 0:
+        parser.error(f"--time-budget must be a positive number of seconds, got {args.time_budget}")
+    budget = Budget(args.time_budget)
     methods, notes = available_methods(args.device, args.peers)
 
     import triton  # after the moezoo imports, which need it anyway on the triton path
 
+    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{args.device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "dtype": args.dtype,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "warmup": args.warmup,
         "iters": args.iters,
+        "time_budget_s": args.time_budget,
         "routing": "uniform random top-k per token, softmax weights",
+        "targets": TARGETS,
         "shapes": {},
     }
+
+    def save(name: str, entry: dict[str, object]) -> None:
+        report["shapes"][name] = entry
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
     for name in names:
+        if budget.spent():
+            report.setdefault("skipped_shapes", []).append(name)
+            save(name, {"notes": {"all": f"skipped: the time budget of {args.time_budget} s was spent"}})
+            continue
         shape = SHAPES[name] if args.tokens is None else Shape(**{**asdict(SHAPES[name]), "tokens": args.tokens})
         print(f"{name}: {shape}", flush=True)
-        report["shapes"][name] = bench_shape(name, shape, methods, notes, args.device, dtype, args.warmup, args.iters)
-
-    out = args.out or ROOT / "benchmarks" / "results" / f"kernels_{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+        bench_shape(name, shape, methods, notes, args.device, args.dtype, args.warmup, args.iters, budget,
+                    lambda entry, name=name: save(name, entry))
     print(f"wrote {out}")
 
 

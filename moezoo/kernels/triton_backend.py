@@ -16,24 +16,33 @@ Design (in the style of ScatterMoE, arXiv 2403.08245):
   elements, against the GEMM's A * H * Dout multiply-adds), and keeps autotuning safe: no kernel
   accumulates into its output, so benchmarking a config twice changes nothing.
 * Backward (one autograd.Function): kernel 3 computes ``g = dout[token] @ w_out[e]^T`` (gather)
-  and, in its epilogue, recomputes ``h`` from the saved ``z``, the activation derivative, ``dz``
-  and the per-row partial ``<g, h>`` of ``d weight`` (``d weight[a] = <dout[t], y_a> =
-  <g_a, h_a> + <dout[t], b_out[e]>``, so ``y`` is never stored). ``dw_in``, ``dw_out`` are
-  per-expert reductions over the sorted rows (gathering ``x`` / ``dout`` by token), bias grads are
-  per-expert column sums, and ``dx`` is kernel 2 with ``w_in^T`` followed by the token reduction.
+  and, in its epilogue, recomputes ``h`` from the saved ``z``, the activation derivative, ``dz``,
+  ``weight * h`` and the per-row partial ``<g, h>`` of ``d weight`` (``d weight[a] = <dout[t], y_a>
+  = <g_a, h_a> + <dout[t], b_out[e]>``, so ``y`` is never stored). ``dw_out = sum (weight * h)^T
+  dout[token]`` and ``dw_in = sum x[token]^T dz`` are per-expert reductions over the sorted rows,
+  whose loop loads each block's tokens one block ahead so the gathered operand pipelines like the
+  other; ``db_in`` is summed by the ``dw_in`` kernel (column sums of ``dz`` in the programs of its
+  first row tile), ``db_out`` is a per-expert column sum of ``weight * dout[token]``, and ``dx`` is
+  kernel 2 with ``w_in^T`` followed by the token reduction.
 * Memory: between forward and backward only ``z`` (A, W) is kept (plus the inputs); ``h`` is
   recomputed in kernel 3's epilogue (elementwise, nearly free) instead of being saved, which
   halves the saved activations for plain experts (a third for gated ones: z is 2H wide, h is H).
-  Transients: forward ``h`` (A, H) and ``y`` (A, Dout); backward ``h``, ``dz`` (A, W), the
-  ``d weight`` partials (ceil(H / min BLOCK_N), A) fp32 and ``dx`` rows (A, D).
+  Transients: forward ``h`` (A, H) and ``y`` (A, Dout); backward ``weight * h`` (A, H), ``dz``
+  (A, W), the ``d weight`` partials (ceil(H / min BLOCK_N), A) fp32 and ``dx`` rows (A, D).
+* Launch configs: each autotuned kernel has candidate tiles for Hopper and Ampere, and
+  :class:`_ConfigRules` prunes them per launch, before any is compiled, to those that fit the
+  device's shared memory and do not spill registers (rules measured by compiling every config
+  ahead of time for sm_80 and sm_90, see ``tests/kernels/test_triton_compile.py``).
 
-All GEMMs accumulate in fp32. fp32 inputs follow ``torch.get_float32_matmul_precision()``
-("highest": exact fp32 dot, "high": 3xTF32, "medium": TF32), as torch's own matmuls do.
+All GEMMs accumulate in fp32. fp32 inputs follow ``torch.get_float32_matmul_precision()`` as
+torch's own CUDA matmuls do: "highest" is an exact fp32 dot, "high" and "medium" one TF32 pass.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,20 +63,25 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 # Activation codes, shared by the Python wrappers and the kernels (0: no activation).
 _ACT_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_PRECISION = {"highest": "ieee", "high": "tf32x3", "medium": "tf32"}
+# torch's "high" and "medium" both let cuBLAS run fp32 matmuls on TF32 tensor cores (one pass, 10
+# mantissa bits); 3xTF32 would be about fp32-exact at three times the MMA work, i.e. more than
+# torch itself gives for the same setting.
+_PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
 _WARNED: set[str] = set()  # fallback reasons already warned about: each warns once per process
 
 # --- launch configurations ----------------------------------------------------------------------
 # The interpreter runs every program in numpy, so autotuning there would take minutes: it gets one
 # small config (16 is tl.dot's minimum) that still splits the test shapes into several tiles.
-# On the GPU, candidates aimed at Hopper bf16 (wgmma wants BLOCK_M a multiple of 64).
+# On the GPU, candidates for Hopper and Ampere (wgmma wants BLOCK_M a multiple of 64), pruned per
+# launch by _ConfigRules: what does not fit the device's shared memory or spills is never tried.
 if INTERPRET:
     _GEMM_TILES = _EPILOGUE_TILES = _WGRAD_TILES = [(16, 16, 16, 1, 1)]
     _ROW_BLOCK, _COL_BLOCK, _TOKEN_BLOCK = 16, 32, 32  # reduction kernels: rows per step, columns per program
 else:
-    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Checked offline with ptxas for sm_90a:
-    # the gated forward keeps two accumulators, so 128x64 on 8 warps is its spill-free choice;
-    # configs over the 227 KiB of shared memory (gated 128x256) are skipped by the autotuner.
+    # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_K 64/128 serve 16-bit inputs, 32/64
+    # fp32 (the K tile is kept at 128 or 256 bytes of each row, see _ConfigRules); the 64x64 tiles
+    # fit the 99 KiB of consumer GPUs, gated and in fp32, and 64x64x32 on 8 warps is the gated
+    # GEMM's spill-free tile for FMA dots.
     _GEMM_TILES = [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 4),
@@ -76,23 +90,34 @@ else:
         (128, 64, 64, 8, 4),
         (64, 128, 64, 4, 4),
         (64, 256, 64, 8, 3),
+        (64, 64, 64, 4, 3),
+        (128, 128, 32, 8, 3),
+        (128, 64, 32, 8, 3),
+        (64, 128, 32, 4, 3),
+        (64, 64, 32, 4, 3),
+        (64, 64, 32, 8, 3),
     ]
-    # The backward kernel 3 keeps ~5 fp32 tiles live in its epilogue: at most 32 elements per
-    # thread avoids spills; one larger tile is left for the autotuner to weigh against them.
+    # The backward kernel 3 keeps ~5 fp32 tiles live in its epilogue: at most 32 accumulators per
+    # thread, 16 with TF32 (see _ACCUMULATORS).
     _EPILOGUE_TILES = [
         (128, 64, 64, 8, 4),
         (64, 128, 64, 8, 4),
         (128, 64, 64, 8, 3),
         (64, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
+        (128, 64, 32, 8, 3),
+        (64, 64, 32, 4, 3),
+        (64, 64, 32, 8, 3),
     ]
-    # (BLOCK_P, BLOCK_Q, BLOCK_K = rows per step, num_warps, num_stages)
+    # (BLOCK_P, BLOCK_Q, BLOCK_K = rows per step, num_warps, num_stages); every stage is a real
+    # buffer here (see _wgrad_loop), so stages cost shared memory linearly.
     _WGRAD_TILES = [
         (128, 256, 64, 8, 3),
         (128, 128, 64, 8, 4),
         (128, 128, 32, 4, 4),
         (128, 64, 64, 4, 5),
         (64, 128, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+        (64, 64, 16, 4, 4),
     ]
     # Memory-bound reductions: bias column sums keep a (rows, columns) fp32 tile; the per-token sum
     # keeps one row, so it takes wider column blocks (16-byte loads over 128 threads).
@@ -107,9 +132,130 @@ def _configs(tiles: list[tuple[int, int, int, int, int]], names: tuple[str, str,
     ]
 
 
+@dataclass(frozen=True)
+class _Target:
+    """What a GPU offers a launch: compute capability (10 * major + minor) and the shared memory
+    one block may use (bytes, the opt-in maximum that Triton's launcher checks)."""
+
+    capability: int
+    shared_memory: int
+
+
+@functools.cache
+def _device_target(index: int) -> _Target:
+    major, minor = torch.cuda.get_device_capability(index)
+    return _Target(10 * major + minor, triton.compiler.max_shared_mem(index))
+
+
+# Register budgets that compile without spills, measured by compiling every candidate config for
+# sm_80 and sm_90 ahead of time (tests/kernels/test_triton_compile.py: Triton 3.8, ptxas 12.9, the
+# benchmark shapes, bf16/fp16/fp32 in both precisions; the measurements are in
+# benchmarks/results/triton_compile_candidates.json). What decides a spill is the number of fp32
+# accumulator values each thread holds, BLOCK_M * BLOCK_N (* 2 when gated) / (32 * num_warps),
+# against what the rest of the launch keeps live. The most per thread that no measured launch
+# spilled at, by launch role, for tensor-core dots: (sm_80 16-bit, sm_80 TF32, sm_90 16-bit,
+# sm_90 TF32); sm_90's values serve later GPUs too. TF32 on sm_80's mma.sync holds 32-bit operand
+# fragments, twice those of 16-bit types.
+_ACCUMULATORS = {
+    "plain": (64, 64, 128, 64),  # GEMM, no activation (forward GEMM 2, dx): sm_80 128x128 w4 spills 24-40 B
+    "activation": (64, 64, 64, 64),  # GEMM 1 with GELU, bias, z: 128 spills 344-1252 B
+    "gated": (64, 128, 64, 128),  # GEMM 1, two accumulators: 16-bit at 128 spills 8-3672 B, TF32 does not
+    "epilogue": (32, 16, 32, 16),  # kernel 3 (about five fp32 tiles live): 64 spills 24-3512 B, TF32 gated at 32 8-128 B
+    "wgrad": (128, 32, 128, 128),  # weight gradients: TF32 on sm_80 at 128 spills 32-48 B
+    "wgrad_db": (64, 32, 128, 128),  # with the bias column sums: 128 spills 72-526 B on sm_80
+}
+_FMA_ACCUMULATORS = 32
+
+
+@dataclass(frozen=True)
+class _ConfigRules:
+    """Which autotune configs of one kernel can run a launch well on a target.
+
+    The autotuner compiles and times every config it is given, and one that cannot launch (shared
+    memory over the limit) only scores inf: when all of them fail it keeps the first and the real
+    launch raises OutOfResources. A config that spills registers launches but runs slowly. Both are
+    pruned before tuning instead (``early_config_prune``), and so are the tiles meant for another
+    element size.
+
+    Attributes:
+        operand: the pointer argument whose element size sizes the operand tiles.
+        m, n, k: the names of the tile sizes (rows, columns, reduction).
+        role: the launch's arguments -> its key in :data:`_ACCUMULATORS`.
+        two_b_tiles: the flag with which the kernel keeps two B tiles (and accumulators) per stage.
+        k_contiguous: the A tile is read along K, so K tiles narrower than 128 bytes of a row waste
+            the 128-byte swizzled loads and wider than 256 bytes only add shared memory.
+        fma_tiles: the (m, n, k, num_warps) kept for FMA dots.
+    """
+
+    operand: str
+    m: str
+    n: str
+    k: str
+    role: Callable[[dict], str]
+    fma_tiles: frozenset[tuple[int, int, int, int]]
+    two_b_tiles: str | None = None
+    k_contiguous: bool = True
+
+    def _b_tiles(self, args: dict) -> int:
+        return 2 if self.two_b_tiles is not None and args[self.two_b_tiles] else 1
+
+    def shared_memory(self, config: triton.Config, args: dict) -> int:
+        """Bytes of the pipelined operand tiles: num_stages copies of the A and B tiles (sm_90
+        keeps num_stages buffers; sm_80 one fewer, which leaves room for reduction scratch)."""
+        m, n, k = (config.kwargs[name] for name in (self.m, self.n, self.k))
+        return (m * k + self._b_tiles(args) * k * n) * config.num_stages * args[self.operand].element_size()
+
+    def accumulators(self, config: triton.Config, args: dict) -> int:
+        """fp32 accumulator values per thread."""
+        m, n = config.kwargs[self.m], config.kwargs[self.n]
+        return m * n * self._b_tiles(args) // (32 * config.num_warps)
+
+    def suits_dtype(self, config: triton.Config, args: dict) -> bool:
+        """Whether the config is meant for the launch's element size and dot at all."""
+        if args["PRECISION"] == "ieee":
+            tile = tuple(config.kwargs[name] for name in (self.m, self.n, self.k)) + (config.num_warps,)
+            return tile in self.fma_tiles
+        return not self.k_contiguous or 128 <= config.kwargs[self.k] * args[self.operand].element_size() <= 256
+
+    def rejection(self, config: triton.Config, args: dict, target: _Target) -> str | None:
+        """Why ``config`` must not run this launch (``args``: the kernel's arguments by name) on
+        ``target``, or None when it may."""
+        if not self.suits_dtype(config, args):
+            return "a tile meant for another element size or dot"
+        smem = self.shared_memory(config, args)
+        if smem > target.shared_memory:
+            return f"needs {smem} bytes of shared memory, the target has {target.shared_memory}"
+        role = self.role(args)
+        if args["PRECISION"] == "ieee":
+            limit = _FMA_ACCUMULATORS
+        else:
+            tf32 = args[self.operand].element_size() == 4
+            limit = _ACCUMULATORS[role][2 * (target.capability >= 90) + tf32]
+        if self.accumulators(config, args) > limit:
+            return f"{self.accumulators(config, args)} accumulators per thread spill ({role}: at most {limit})"
+        return None
+
+    def __call__(self, configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        target = _device_target(args[self.operand].device.index)
+        kept = [config for config in configs if self.rejection(config, args, target) is None]
+        if not kept:
+            reasons = {str(config): self.rejection(config, args, target) for config in configs}
+            raise RuntimeError(f"no launch config fits this GPU ({target}): {reasons}")
+        return kept
+
+
 _GEMM_CONFIGS = _configs(_GEMM_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _EPILOGUE_CONFIGS = _configs(_EPILOGUE_TILES, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
 _WGRAD_CONFIGS = _configs(_WGRAD_TILES, ("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
+_GEMM_RULES = _ConfigRules("a_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", two_b_tiles="GATED",
+                           role=lambda args: "gated" if args["GATED"] else "activation" if args["ACT"] else "plain",
+                           fma_tiles=frozenset({(128, 64, 32, 8), (64, 64, 32, 8)}))
+_EPILOGUE_RULES = _ConfigRules("dout_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K", role=lambda args: "epilogue",
+                               fma_tiles=frozenset({(128, 64, 32, 8)}))
+_WGRAD_RULES = _ConfigRules("l_ptr", "BLOCK_P", "BLOCK_Q", "BLOCK_K", k_contiguous=False,
+                            role=lambda args: "wgrad" if args["db_ptr"] is None else "wgrad_db",
+                            fma_tiles=frozenset({(64, 64, 16, 4)}))
 _EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 
 
@@ -251,7 +397,8 @@ def _mm_tile(a_ptrs, w_ptrs, w2_offset, col_ok, K, has_rows, stride_ak, stride_w
 
 
 # --- kernels ------------------------------------------------------------------------------------
-@triton.autotune(configs=_GEMM_CONFIGS, key=["N", "K", "ROWS_BUCKET", "GATHER", "GATED"])
+@triton.autotune(configs=_GEMM_CONFIGS, prune_configs_by={"early_config_prune": _GEMM_RULES},
+                 key=["N", "K", "ROWS_BUCKET", "GATHER", "ACT", "GATED", "HAS_BIAS", "HAS_SCALE", "STORE_Z", "PRECISION"])
 @_EVEN_K
 @triton.jit
 def _grouped_mm_kernel(
@@ -298,7 +445,8 @@ def _grouped_mm_kernel(
 
 # part_ptr is zeroed before every config tried and before the real launch: a config with a smaller
 # BLOCK_N fills more rows of it than the chosen one overwrites, and the rows are summed afterwards.
-@triton.autotune(configs=_EPILOGUE_CONFIGS, key=["N", "K", "ROWS_BUCKET", "GATED"], reset_to_zero=["part_ptr"])
+@triton.autotune(configs=_EPILOGUE_CONFIGS, prune_configs_by={"early_config_prune": _EPILOGUE_RULES},
+                 key=["N", "K", "ROWS_BUCKET", "ACT", "GATED", "STORE_WH", "PRECISION"], reset_to_zero=["part_ptr"])
 @_EVEN_K
 @triton.jit
 def _mlp_in_grad_kernel(
@@ -307,15 +455,20 @@ def _mlp_in_grad_kernel(
     w_ptr, stride_we, stride_wk, stride_wn,  # w_out seen as (E, K=Dout, N=H) through its strides
     weight_ptr,                              # (A,) sorted combine weights
     z_ptr, stride_zm, stride_zn,             # (A, H or 2H) saved pre-activation
-    h_ptr, stride_hm, stride_hn,             # (A, H) recomputed hidden output, or None
+    wh_ptr, stride_hm, stride_hn,            # (A, H) weight * recomputed hidden output, or None
     dz_ptr, stride_dzm, stride_dzn,          # (A, H or 2H) gradient of z
     part_ptr, stride_pn,                     # (tiles, A) fp32: sum over this column tile of g * h
     A, E, N, K, ROWS_BUCKET,
-    ACT: tl.constexpr, GATED: tl.constexpr, STORE_H: tl.constexpr, UPCAST: tl.constexpr,
+    ACT: tl.constexpr, GATED: tl.constexpr, STORE_WH: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """g = dout[token] @ w_out[e]^T; dh = weight * g; dz = dh * d h / d z; part = rowsum(g * h)."""
+    """g = dout[token] @ w_out[e]^T; dh = weight * g; dz = dh * d h / d z; wh = weight * h; part = rowsum(g * h).
+
+    ``wh`` is the left operand of ``dw_out``, scaled here so the weight-gradient loop reads both of
+    its operands straight into the pipelined shared-memory ring (a per-row scale there needs a
+    register round trip and a synchronous MMA on every step).
+    """
     e, rows, row_ok, src, pid_n, cols, col_ok, has_rows = _row_tile(
         tl.program_id(0), offsets_ptr, tok_ptr, A, E, N, True, E_POW2, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
@@ -328,7 +481,8 @@ def _mlp_in_grad_kernel(
     rows64 = rows.to(tl.int64)[:, None]
     z_ptrs = z_ptr + rows64 * stride_zm + cols[None, :] * stride_zn
     gate, d_gate = _activation_and_grad(tl.load(z_ptrs, mask=tile_ok, other=0.0).to(tl.float32), ACT)
-    dh = g * tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    row_weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    dh = g * row_weight
     dz_ptrs = dz_ptr + rows64 * stride_dzm + cols[None, :] * stride_dzn
     if GATED:
         up = tl.load(z_ptrs + N * stride_zn, mask=tile_ok, other=0.0).to(tl.float32)
@@ -338,28 +492,68 @@ def _mlp_in_grad_kernel(
     else:
         h = gate
         tl.store(dz_ptrs, (dh * d_gate).to(dz_ptr.dtype.element_ty), mask=tile_ok)
-    if STORE_H:
-        h_ptrs = h_ptr + rows64 * stride_hm + cols[None, :] * stride_hn
-        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=tile_ok)
+    if STORE_WH:
+        wh_ptrs = wh_ptr + rows64 * stride_hm + cols[None, :] * stride_hn
+        tl.store(wh_ptrs, (h * row_weight).to(wh_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(part_ptr + pid_n * stride_pn + rows, tl.sum(g * h, axis=1), mask=row_ok)
 
 
-@triton.autotune(configs=_WGRAD_CONFIGS, key=["P", "Q", "ROWS_BUCKET", "GATHER_L", "GATHER_R"])
+@triton.jit
+def _wgrad_loop(l_ptr, stride_lm, stride_lp, r_ptr, stride_rm, stride_rq, tok_ptr, lo, hi, ps, p_ok, qs, q_ok,
+                GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, SUM_R: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(sum over rows [lo, hi) of l[src]^T r[src] (BLOCK_P, BLOCK_Q), column sums of r (BLOCK_Q,)) in fp32.
+
+    The column sums are computed only with SUM_R (zeros otherwise).
+    """
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), tl.float32)
+    colsum = tl.zeros((BLOCK_Q,), tl.float32)
+    offs = tl.arange(0, BLOCK_K)
+    # The tokens of each row block are loaded one block ahead: loaded in the block that uses them,
+    # they would make the gathered operand an indirect load, for which the software pipeliner
+    # spends one of num_stages on the index and another on its latency (2 operand buffers of 4,
+    # read from the TTGIR) instead of keeping num_stages row blocks in flight.
+    tok = tl.load(tok_ptr + lo + offs, mask=lo + offs < hi, other=0).to(tl.int64)
+    for start in range(lo, hi, BLOCK_K):
+        rows = start + offs
+        row_ok = rows < hi
+        tok_next = tl.load(tok_ptr + rows + BLOCK_K, mask=rows + BLOCK_K < hi, other=0).to(tl.int64)
+        rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
+        l_rows = tok if GATHER_L else rows64
+        r_rows = tok if GATHER_R else rows64
+        # Both operands are masked by row: another expert's rows may hold inf/nan, and 0 * inf != 0.
+        lt = tl.load(l_ptr + l_rows[None, :] * stride_lm + ps[:, None] * stride_lp,
+                     mask=row_ok[None, :] & p_ok[:, None], other=0.0)
+        r = tl.load(r_ptr + r_rows[:, None] * stride_rm + qs[None, :] * stride_rq,
+                    mask=row_ok[:, None] & q_ok[None, :], other=0.0)
+        acc = _dot(lt, r, acc, UPCAST, PRECISION)
+        if SUM_R:
+            colsum += tl.sum(r.to(tl.float32), axis=0)
+        tok = tok_next
+    return acc, colsum
+
+
+@triton.autotune(configs=_WGRAD_CONFIGS, prune_configs_by={"early_config_prune": _WGRAD_RULES},
+                 key=["P", "Q", "ROWS_BUCKET", "GATHER_L", "GATHER_R", "PRECISION"])
 @triton.jit
 def _grouped_wgrad_kernel(
     l_ptr, stride_lm, stride_lp,             # left rows (T or A, P)
     r_ptr, stride_rm, stride_rq,             # right rows (T or A, Q)
-    tok_ptr, offsets_ptr, scale_ptr,         # (A,), (E + 1,), (A,) or None
+    tok_ptr, offsets_ptr,                    # (A,), (E + 1,)
     dw_ptr, stride_de, stride_dp, stride_dq,  # (E, P, Q) output
+    db_ptr, stride_be, stride_bq,            # (E, Q) column sums of the right rows, or None
     P, Q, ROWS_BUCKET,
-    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr, HAS_SCALE: tl.constexpr,
+    GATHER_L: tl.constexpr, GATHER_R: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dw[e] = sum over the sorted rows m of expert e of l[src(m)]^T (scale[m] * r[src(m)]).
+    """dw[e] = sum over the sorted rows m of expert e of l[src(m)]^T r[src(m)]; db[e] = sum of r[src(m)].
 
     One program per (P, Q) tile and expert (grid axis 1, so an expert's tiles run together and
-    share its rows in L2); experts without rows store zeros.
+    share its rows in L2); experts without rows store zeros. The programs of the first P tile also
+    sum the right rows' columns when ``db_ptr`` is given, in a second copy of the loop, so the
+    other programs' loop stays as pipelined as without it.
     """
     num_q = tl.cdiv(Q, BLOCK_Q)
     pid_p, pid_q = _swizzle(tl.program_id(0), tl.cdiv(P, BLOCK_P), num_q, GROUP_M)
@@ -370,23 +564,14 @@ def _grouped_wgrad_kernel(
     qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     p_ok = ps < P
     q_ok = qs < Q
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), tl.float32)
-    for start in range(lo, hi, BLOCK_K):
-        rows = start + tl.arange(0, BLOCK_K)
-        row_ok = rows < hi
-        tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-        rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
-        l_rows = tok if GATHER_L else rows64
-        r_rows = tok if GATHER_R else rows64
-        # Both operands are masked by row: another expert's rows may hold inf/nan, and 0 * inf != 0.
-        lt = tl.load(l_ptr + l_rows[None, :] * stride_lm + ps[:, None] * stride_lp,
-                     mask=row_ok[None, :] & p_ok[:, None], other=0.0)
-        r = tl.load(r_ptr + r_rows[:, None] * stride_rm + qs[None, :] * stride_rq,
-                    mask=row_ok[:, None] & q_ok[None, :], other=0.0)
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            r = (r.to(tl.float32) * scale[:, None]).to(r_ptr.dtype.element_ty)
-        acc = _dot(lt, r, acc, UPCAST, PRECISION)
+    args = (l_ptr, stride_lm, stride_lp, r_ptr, stride_rm, stride_rq, tok_ptr, lo, hi, ps, p_ok, qs, q_ok)
+    if db_ptr is not None and pid_p == 0:
+        acc, colsum = _wgrad_loop(*args, GATHER_L, GATHER_R, True, UPCAST, PRECISION,
+                                  BLOCK_P, BLOCK_Q, BLOCK_K)
+        tl.store(db_ptr + e.to(tl.int64) * stride_be + qs * stride_bq, colsum.to(db_ptr.dtype.element_ty), mask=q_ok)
+    else:
+        acc, _ = _wgrad_loop(*args, GATHER_L, GATHER_R, False, UPCAST, PRECISION,
+                             BLOCK_P, BLOCK_Q, BLOCK_K)
     dw_ptrs = dw_ptr + e.to(tl.int64) * stride_de + ps[:, None] * stride_dp + qs[None, :] * stride_dq
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
 
@@ -539,10 +724,10 @@ def _sum_by_token(y: Tensor, plan: _Plan) -> Tensor:
 
 
 def _mlp_in_grad(dout: Tensor, plan: _Plan, w_out: Tensor, weight: Tensor, z: Tensor, act: int, gated: bool,
-                 store_h: bool) -> tuple[Tensor | None, Tensor, Tensor]:
-    """Kernel 3: (h (A, H) or None, dz (A, W), sum_n g * h (A,) fp32) from dout (T, Dout)."""
+                 store_wh: bool) -> tuple[Tensor | None, Tensor, Tensor]:
+    """Kernel 3: (weight * h (A, H) or None, dz (A, W), sum_n g * h (A,) fp32) from dout (T, Dout)."""
     num_rows, hidden = z.shape[0], w_out.shape[1]
-    h = z.new_empty(num_rows, hidden) if store_h else None
+    wh = z.new_empty(num_rows, hidden) if store_wh else None
     dz = torch.empty_like(z)
     # Rows past the tiles of the chosen BLOCK_N stay zero, so the partials sum to the full dot.
     part = z.new_zeros(triton.cdiv(hidden, _MIN_BLOCK_N), num_rows, dtype=torch.float32)
@@ -551,31 +736,34 @@ def _mlp_in_grad(dout: Tensor, plan: _Plan, w_out: Tensor, weight: Tensor, z: Te
         dout, dout.stride(0), dout.stride(1), plan.token, plan.offsets,
         w_t, w_t.stride(0), w_t.stride(1), w_t.stride(2), weight,
         z, z.stride(0), z.stride(1),
-        h, *(h.stride() if h is not None else (0, 0)),
+        wh, *(wh.stride() if wh is not None else (0, 0)),
         dz, dz.stride(0), dz.stride(1),
         part, part.stride(0),
         num_rows, plan.num_experts, hidden, dout.shape[1], _rows_bucket(plan),
-        ACT=act, GATED=gated, STORE_H=store_h, E_POW2=triton.next_power_of_2(plan.num_experts),
+        ACT=act, GATED=gated, STORE_WH=store_wh, E_POW2=triton.next_power_of_2(plan.num_experts),
         **_dot_options(z.dtype),
     )
-    return h, dz, part.sum(0)
+    return wh, dz, part.sum(0)
 
 
 def _grouped_wgrad(left: Tensor, right: Tensor, plan: _Plan, out_dtype: torch.dtype, *, gather_left: bool = False,
-                   gather_right: bool = False, scale: Tensor | None = None) -> Tensor:
-    """(E, P, Q): per expert, sum over its sorted rows of left_row^T (scale * right_row)."""
+                   gather_right: bool = False, sum_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    """Per expert, over its sorted rows: (E, P, Q) sum of left_row^T right_row and, with ``sum_dtype``,
+    (E, Q) sum of right_row (the bias gradient when right is the gradient of the layer's output)."""
     p, q = left.shape[1], right.shape[1]
     dw = left.new_empty(plan.num_experts, p, q, dtype=out_dtype)
+    db = None if sum_dtype is None else right.new_empty(plan.num_experts, q, dtype=sum_dtype)
 
     def grid(meta):
         return (triton.cdiv(p, meta["BLOCK_P"]) * triton.cdiv(q, meta["BLOCK_Q"]), plan.num_experts)
 
     _grouped_wgrad_kernel[grid](
         left, left.stride(0), left.stride(1), right, right.stride(0), right.stride(1),
-        plan.token, plan.offsets, scale, dw, dw.stride(0), dw.stride(1), dw.stride(2), p, q, _rows_bucket(plan),
-        GATHER_L=gather_left, GATHER_R=gather_right, HAS_SCALE=scale is not None, **_dot_options(left.dtype),
+        plan.token, plan.offsets, dw, dw.stride(0), dw.stride(1), dw.stride(2),
+        db, *(db.stride() if db is not None else (0, 0)), p, q, _rows_bucket(plan),
+        GATHER_L=gather_left, GATHER_R=gather_right, **_dot_options(left.dtype),
     )
-    return dw
+    return dw, db
 
 
 def _segment_colsum(rows: Tensor, plan: _Plan, out_dtype: torch.dtype, *, gather: bool = False,
@@ -619,17 +807,18 @@ class _ExpertMLPFunction(torch.autograd.Function):
         if not (need_x or need_weight or need_w_in or need_w_out or need_b_in):
             return dx, dweight, dw_in, dw_out, db_in, db_out, None, None, None
 
-        h, dz, dweight_sorted = _mlp_in_grad(dout, plan, w_out, sorted_weight, z, ctx.act, ctx.gated, need_w_out)
+        wh, dz, dweight_sorted = _mlp_in_grad(dout, plan, w_out, sorted_weight, z, ctx.act, ctx.gated, need_w_out)
         if need_w_out:
-            dw_out = _grouped_wgrad(h, dout, plan, w_out.dtype, gather_right=True, scale=sorted_weight)
-        del h  # the largest transient after dz; free it before the dx and dw_in passes
+            dw_out, _ = _grouped_wgrad(wh, dout, plan, w_out.dtype, gather_right=True)
+        del wh  # the largest transient after dz; free it before the dx and dw_in passes
         if need_weight:
             if b_out is not None:  # <dout[t], b_out[e]> through a (T, E) product instead of (A, Dout) gathers
                 dweight_sorted += (dout.float() @ b_out.float().t())[plan.token, plan.expert]
             dweight = torch.empty_like(dweight_sorted).index_copy_(0, plan.order, dweight_sorted).to(weight.dtype)
         if need_w_in:
-            dw_in = _grouped_wgrad(x, dz, plan, w_in.dtype, gather_left=True)
-        if need_b_in:
+            dw_in, db_in = _grouped_wgrad(x, dz, plan, w_in.dtype, gather_left=True,
+                                          sum_dtype=ctx.b_in_dtype if need_b_in else None)
+        elif need_b_in:  # biases trained alone: the column sums without the GEMM
             db_in = _segment_colsum(dz, plan, ctx.b_in_dtype)
         if need_x:
             dx_rows = _grouped_mm(dz, plan, w_in.transpose(1, 2), gather=False, n=x.shape[1])

@@ -46,6 +46,20 @@ def _kernels_can_run(request):
         pytest.skip("TRITON_INTERPRET=0 was set explicitly and there is no CUDA device to run the kernels")
 
 
+@pytest.fixture(autouse=True)
+def _first_kept_config_on_gpu(monkeypatch):
+    """Compiled, each launch runs the first config its rules keep (the largest tiles) instead of
+    autotuning: compiling every config for every test's flags would take minutes. The benchmark
+    autotunes for real and checks the chosen configs' agreement with the torch backend."""
+    if DEVICE != "cuda":
+        return
+    for name, kernel in vars(tb).items():
+        rules = getattr(kernel, "early_config_prune", None) if name.endswith("_kernel") else None
+        if rules is not None:
+            monkeypatch.setattr(kernel, "early_config_prune",
+                                lambda configs, named_args, rules=rules, **kwargs: rules(configs, named_args, **kwargs)[:1])
+
+
 def test_in_a_fresh_process():
     """When triton was imported too early for the interpreter, this file's tests run in a new
     process (with the interpreter) and any failure there fails here."""
@@ -79,9 +93,13 @@ def _routing(num_tokens: int, num_experts: int, k: int, empty: tuple[int, ...], 
     return token[perm], expert[perm]
 
 
+LEAVES = ("x", "weight", "w_in", "w_out", "b_in", "b_out")
+
+
 def _params(num_tokens, dim, hidden, dim_out, num_experts, num_assignments, *, gated, b_in, b_out, seed,
-            strided=False, dtype=torch.float32):
-    """x, weight, w_in, w_out, b_in, b_out as leaves (None for absent biases), on DEVICE.
+            strided=False, dtype=torch.float32, trained=LEAVES):
+    """x, weight, w_in, w_out, b_in, b_out as leaves (None for absent biases), on DEVICE; those
+    named in ``trained`` require gradients.
 
     With ``strided`` x and w_in are non-contiguous views (a column stride of 2, a transposed w_in).
     """
@@ -104,7 +122,7 @@ def _params(num_tokens, dim, hidden, dim_out, num_experts, num_assignments, *, g
         rand(num_experts, width) if b_in else None,
         rand(num_experts, dim_out) if b_out else None,
     ]
-    return [None if t is None else t.detach().requires_grad_() for t in tensors]
+    return [None if t is None else t.detach().requires_grad_(name in trained) for name, t in zip(LEAVES, tensors)]
 
 
 def _naive(x, token, expert, weight, w_in, w_out, activation, b_in, b_out, gated):
@@ -122,7 +140,8 @@ def _naive(x, token, expert, weight, w_in, w_out, activation, b_in, b_out, gated
 
 
 def _run(fn, inputs, token, expert, activation, gated, grad_out, **kwargs):
-    """fn's output and the gradient of <output, grad_out> w.r.t. every input (zeros where unused).
+    """fn's output and the gradient of <output, grad_out> w.r.t. every input that requires one
+    (zeros where unused, None for the others).
 
     A fallback of the Triton backend to torch is an error here: it would match trivially.
     """
@@ -130,9 +149,9 @@ def _run(fn, inputs, token, expert, activation, gated, grad_out, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="expert_mlp_triton")
         out = fn(x, token, expert, weight, w_in, w_out, activation, b_in=b_in, b_out=b_out, gated=gated, **kwargs)
-    present = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad(out, present, grad_out.to(out.dtype), allow_unused=True))
-    return out, [None if t is None else _or_zeros(next(grads), t) for t in inputs]
+    trained = [t for t in inputs if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(out, trained, grad_out.to(out.dtype), allow_unused=True))
+    return out, [_or_zeros(next(grads), t) if t is not None and t.requires_grad else None for t in inputs]
 
 
 def _or_zeros(grad, like):
@@ -140,7 +159,7 @@ def _or_zeros(grad, like):
 
 
 def _as_double(inputs):
-    return [None if t is None else t.detach().double().requires_grad_() for t in inputs]
+    return [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
 
 
 def _assert_close(actual, expected, rtol, name):
@@ -150,15 +169,28 @@ def _assert_close(actual, expected, rtol, name):
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _count_calls(monkeypatch, name):
+    """Wrap tb.<name> so its calls are counted in the returned list (one entry per call)."""
+    calls, real = [], getattr(tb, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tb, name, counted)
+    return calls
+
+
 NAMES = ("out", "d x", "d weight", "d w_in", "d w_out", "d b_in", "d b_out")
 
 
-def _check_against_references(activation, gated, b_in, b_out, dims, *, empty=(2, 5), strided=False, seed=0, rtol=1e-5):
+def _check_against_references(activation, gated, b_in, b_out, dims, *, empty=(2, 5), strided=False, seed=0, rtol=1e-5,
+                              trained=LEAVES):
     num_tokens, dim, hidden, dim_out, num_experts, k = dims
     token, expert = _routing(num_tokens, num_experts, k, empty=empty, seed=seed)
     token, expert = token.to(DEVICE), expert.to(DEVICE)
     inputs = _params(num_tokens, dim, hidden, dim_out, num_experts, token.numel(), gated=gated, b_in=b_in,
-                     b_out=b_out, seed=seed, strided=strided)
+                     b_out=b_out, seed=seed, strided=strided, trained=trained)
     grad_out = torch.randn(num_tokens, dim_out, generator=torch.Generator().manual_seed(seed + 1)).to(DEVICE)
 
     out, grads = _run(tb.expert_mlp_triton, inputs, token, expert, activation, gated, grad_out)
@@ -194,8 +226,13 @@ RAGGED = (24, 19, 23, 17, 6, 2)
         ("relu", True, False, True),
     ],
 )
-def test_forward_and_every_gradient_match_torch_and_naive(activation, gated, b_in, b_out):
+def test_forward_and_every_gradient_match_torch_and_naive(activation, gated, b_in, b_out, monkeypatch):
+    colsums = _count_calls(monkeypatch, "_segment_colsum")
+    wgrads = _count_calls(monkeypatch, "_grouped_wgrad")
     token, expert = _check_against_references(activation, gated, b_in, b_out, RAGGED)
+    # d b_in is summed inside the d w_in kernel; only d b_out has a pass of its own.
+    assert [call.get("sum_dtype") for call in wgrads] == [None, torch.float32 if b_in else None]
+    assert len(colsums) == int(b_out)
     counts = torch.bincount(expert.cpu(), minlength=RAGGED[4])
     # The routing really covers the cases it is meant to: empty experts, an expert spanning several
     # row blocks, tokens chosen several times, dropped tokens.
@@ -210,6 +247,20 @@ def test_block_multiple_dims_and_strided_inputs():
 
 def test_single_expert():
     _check_against_references("gelu", False, True, True, (9, 19, 23, 17, 1, 1), empty=(), seed=4)
+
+
+def test_biases_trained_alone(monkeypatch):
+    """Only the biases learn (BitFit): their column sums run without any weight-gradient GEMM."""
+    wgrads = _count_calls(monkeypatch, "_grouped_wgrad")
+    _check_against_references("gelu", False, True, True, RAGGED, seed=13, trained=("b_in", "b_out"))
+    assert not wgrads
+
+
+def test_frozen_experts_give_input_and_router_gradients(monkeypatch):
+    """Experts frozen: kernel 3 stores no weight * h and no weight gradient is computed."""
+    wgrads = _count_calls(monkeypatch, "_grouped_wgrad")
+    _check_against_references("silu", True, True, True, RAGGED, seed=14, trained=("x", "weight"))
+    assert not wgrads
 
 
 def test_no_assignments_gives_zeros_and_zero_grads():
@@ -257,6 +308,70 @@ def test_low_precision_forward_and_backward(dtype, rtol):
     naive_out, naive_grads = _run(_naive, _as_double(inputs), token, expert, "silu", True, grad_out.double())
     assert out.dtype == dtype and grads[1].dtype == torch.float32  # d weight keeps the router's dtype
     for name, got, expected in zip(NAMES, [out, *grads], [naive_out, *naive_grads]):
+        _assert_close(got, expected, rtol, name)
+
+
+# --- fp32 precision -----------------------------------------------------------------------------
+@pytest.fixture
+def matmul_precision():
+    """Sets torch.set_float32_matmul_precision for one test and restores it afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("setting, expected", [("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")])
+def test_fp32_dots_follow_torch_matmul_precision(setting, expected, matmul_precision):
+    """As torch's CUDA matmuls: "high" and "medium" allow one TF32 pass, "highest" is exact; the
+    16-bit types are not affected (their tl.dot ignores the setting)."""
+    matmul_precision(setting)
+    assert tb._precision(torch.float32) == expected
+    assert tb._precision(torch.bfloat16) == tb._precision(torch.float16) == "tf32"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter's tl.dot is exact in fp32 whatever the precision")
+def test_tf32_runs_on_tensor_cores_within_tf32_error(matmul_precision):
+    """With "high", the compiled kernels round fp32 operands to TF32 (10 mantissa bits): within 1e-2
+    of the float64 loop, and measurably further from it than exact fp32 is (< 1e-5)."""
+    num_tokens, dim, hidden, dim_out, num_experts, k = RAGGED
+    token, expert = (t.to(DEVICE) for t in _routing(num_tokens, num_experts, k, empty=(1,), seed=15))
+    inputs = _params(num_tokens, dim, hidden, dim_out, num_experts, token.numel(), gated=True, b_in=True,
+                     b_out=True, seed=15)
+    grad_out = torch.randn(num_tokens, dim_out, generator=torch.Generator().manual_seed(16)).to(DEVICE)
+    naive_out, naive_grads = _run(_naive, _as_double(inputs), token, expert, "silu", True, grad_out.double())
+    matmul_precision("high")
+    out, grads = _run(tb.expert_mlp_triton, inputs, token, expert, "silu", True, grad_out)
+    for name, got, expected in zip(NAMES, [out, *grads], [naive_out, *naive_grads]):
+        _assert_close(got, expected, 1e-2, name)
+    assert (out.double() - naive_out).abs().max() > 1e-5 * naive_out.abs().max()
+
+
+# (tokens, dim, hidden, dim_out, experts, k): an expert spanning several 128-row blocks (its
+# weight-gradient loop runs 7 blocks of 64 rows, longer than the pipelines), K tails of every GPU
+# tile (200 = 3 * 64 + 8).
+MEDIUM = (600, 200, 160, 136, 5, 2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="GPU-sized tiles; in the interpreter this shape would take minutes")
+@pytest.mark.parametrize("dtype, precision, rtol", [
+    (torch.bfloat16, "highest", 3e-2), (torch.float16, "highest", 1e-2), (torch.float32, "high", 1e-2),
+    (torch.float32, "highest", 1e-5),
+])
+@pytest.mark.parametrize("activation, gated", [("silu", True), ("gelu", False)])
+def test_medium_shape_on_the_gpu(dtype, precision, rtol, activation, gated, matmul_precision):
+    """Every output and gradient of the compiled kernels, with their real tiles and pipelines,
+    against the torch backend run in float64."""
+    num_tokens, dim, hidden, dim_out, num_experts, k = MEDIUM
+    token, expert = (t.to(DEVICE) for t in _routing(num_tokens, num_experts, k, empty=(3,), seed=17))
+    inputs = _params(num_tokens, dim, hidden, dim_out, num_experts, token.numel(), gated=gated, b_in=True,
+                     b_out=True, seed=17, dtype=dtype)
+    grad_out = torch.randn(num_tokens, dim_out, generator=torch.Generator().manual_seed(18)).to(DEVICE)
+    expected_out, expected_grads = _run(expert_mlp_torch, _as_double(inputs), token, expert, activation, gated,
+                                        grad_out.double())
+    matmul_precision(precision)
+    out, grads = _run(tb.expert_mlp_triton, inputs, token, expert, activation, gated, grad_out)
+    assert torch.bincount(expert.cpu()).max() > 3 * 128, "one expert must span several row blocks"
+    for name, got, expected in zip(NAMES, [out, *grads], [expected_out, *expected_grads]):
         _assert_close(got, expected, rtol, name)
 
 
@@ -333,95 +448,68 @@ def test_sort_by_expert():
     assert order.numel() == 0 and counts.tolist() == [0, 0, 0] and offsets.tolist() == [0, 0, 0, 0]
 
 
-# --- Hopper code generation, without a GPU --------------------------------------------------------
-def _compile_for_hopper(kernel, pointers, constexprs, unit_strides, config=None):
-    """Compile ``kernel`` for sm_90a as a launch would: pointers 16-byte aligned, unit strides
-    specialised to 1 (which is what lets loads vectorise into pipelined cp.async); returns
-    (shared memory bytes, uses wgmma)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = kernel
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    constants = {**constexprs, **(config.kwargs if config else {})}
-    constants.update({name: 1 for name in unit_strides})
-    constants.update({name: None for name, ty in pointers.items() if ty is None})
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "i32") for name in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if pointers.get(name)}
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
-    source = ASTSource(fn, signature, constants, attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    return compiled.metadata.shared, "wgmma" in compiled.asm["ptx"]
+# --- launch configs -----------------------------------------------------------------------------
+HOPPER, AMPERE = tb._Target(90, 232448), tb._Target(80, 166912)
 
 
-def _hopper_compile_cases(dtype):
-    """(kernel, pointer types, constexprs, unit strides) covering every flag combination in use."""
-    ptr = f"*{dtype}"
-    dots = {"UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    rows = {"tok_ptr": "*i64", "offsets_ptr": "*i64"}
-    unit = ("stride_ak", "stride_wn", "stride_bn", "stride_zn", "stride_on")
-    for gather, act, gated, bias, scale, store_z, even_k, experts in [
-        (True, 3, True, False, False, True, True, 8),  # forward GEMM 1, SwiGLU, training
-        (True, 1, False, True, False, False, False, 64),  # forward GEMM 1, GELU, inference
-        (False, 0, False, True, True, False, True, 1),  # forward GEMM 2, a single expert
-    ]:
-        pointers = {"a_ptr": ptr, **rows, "w_ptr": ptr, "b_ptr": ptr if bias else None,
-                    "scale_ptr": "*fp32" if scale else None, "z_ptr": ptr if store_z else None, "out_ptr": ptr}
-        flags = dict(GATHER=gather, ACT=act, GATED=gated, HAS_BIAS=bias, HAS_SCALE=scale, STORE_Z=store_z,
-                     E_POW2=experts, EVEN_K=even_k)
-        yield tb._grouped_mm_kernel, pointers, {**flags, **dots}, unit
-    # dx = dz @ w_in^T: the weight is read transposed, unit stride along K
-    pointers = {"a_ptr": ptr, **rows, "w_ptr": ptr, "b_ptr": None, "scale_ptr": None, "z_ptr": None, "out_ptr": ptr}
-    flags = dict(GATHER=False, ACT=0, GATED=False, HAS_BIAS=False, HAS_SCALE=False, STORE_Z=False, E_POW2=64,
-                 EVEN_K=True)
-    yield tb._grouped_mm_kernel, pointers, {**flags, **dots}, ("stride_ak", "stride_wk", "stride_on")
-    for act, gated in [(3, True), (1, False), (2, False), (4, True)]:
-        pointers = {"dout_ptr": ptr, **rows, "w_ptr": ptr, "weight_ptr": "*fp32", "z_ptr": ptr, "h_ptr": ptr,
-                    "dz_ptr": ptr, "part_ptr": "*fp32"}
-        flags = dict(ACT=act, GATED=gated, STORE_H=True, E_POW2=64, EVEN_K=False)
-        unit_strides = ("stride_dk", "stride_wk", "stride_zn", "stride_hn", "stride_dzn")
-        yield tb._mlp_in_grad_kernel, pointers, {**flags, **dots}, unit_strides
-    for gather_l, scale in [(True, False), (False, True)]:
-        pointers = {"l_ptr": ptr, "r_ptr": ptr, **rows, "scale_ptr": "*fp32" if scale else None, "dw_ptr": ptr}
-        flags = dict(GATHER_L=gather_l, GATHER_R=not gather_l, HAS_SCALE=scale)
-        yield tb._grouped_wgrad_kernel, pointers, {**flags, **dots}, ("stride_lp", "stride_rq", "stride_dq")
+def _config(m, n, k, warps, stages, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+    return triton.Config({names[0]: m, names[1]: n, names[2]: k, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
 
 
-def _tile_footprint(config) -> int:
-    """Elements of the operand tiles a config keeps in flight (proportional to its shared memory)."""
-    m, n, k = (v for name, v in config.kwargs.items() if name != "GROUP_M")
-    return (m * k + k * n) * config.num_stages
+def _gemm_args(dtype, gated, precision="tf32"):
+    return {"a_ptr": torch.empty(0, dtype=dtype), "GATED": gated, "ACT": 3 if gated else 0, "PRECISION": precision}
 
 
-def _compile_every_kernel_for_hopper() -> None:
-    """Every autotune config in bf16, the smallest one in fp16 and fp32, and the small kernels."""
-    smem_limit = 232448  # bytes of shared memory per block on sm_90
-    for dtype in ("bf16", "fp16", "fp32"):
-        for kernel, pointers, constexprs, unit in _hopper_compile_cases(dtype):
-            name = f"{kernel.base_fn.__name__} {dtype} {constexprs}"
-            configs = kernel.configs if dtype == "bf16" else [min(kernel.configs, key=_tile_footprint)]
-            fits = []
-            for config in configs:
-                smem, wgmma = _compile_for_hopper(kernel, pointers, constexprs, unit, config)
-                assert wgmma or dtype == "fp32", f"{name} {config}: no wgmma"
-                fits.append(smem <= smem_limit)
-            assert any(fits), f"no config of {name} fits in shared memory"
-        pointers = {"r_ptr": f"*{dtype}", "tok_ptr": "*i64", "offsets_ptr": "*i64", "scale_ptr": "*fp32",
-                    "db_ptr": f"*{dtype}"}
-        flags = dict(GATHER=True, HAS_SCALE=True, BLOCK_M=tb._ROW_BLOCK, BLOCK_Q=tb._COL_BLOCK)
-        _compile_for_hopper(tb._segment_colsum_kernel, pointers, flags, ("stride_rq", "stride_dq"))
-        pointers = {"y_ptr": f"*{dtype}", "by_token_ptr": "*i64", "token_offsets_ptr": "*i64", "out_ptr": f"*{dtype}"}
-        flags = dict(BLOCK_N=tb._TOKEN_BLOCK)
-        _compile_for_hopper(tb._sum_by_token_kernel, pointers, flags, ("stride_yn", "stride_on"))
+def test_config_rules_count_shared_memory_per_stage_and_b_tile():
+    """(BLOCK_M * BLOCK_K + b_tiles * BLOCK_K * BLOCK_N) * stages * element size, by hand."""
+    config = _config(128, 256, 64, 8, 3)
+    assert tb._GEMM_RULES.shared_memory(config, _gemm_args(torch.bfloat16, False)) == (8192 + 16384) * 3 * 2
+    assert tb._GEMM_RULES.shared_memory(config, _gemm_args(torch.bfloat16, True)) == (8192 + 32768) * 3 * 2
+    # fp32 is 4 bytes whatever the dot precision (TF32 reads the fp32 tiles)
+    assert tb._GEMM_RULES.shared_memory(_config(128, 128, 32, 8, 3), _gemm_args(torch.float32, True)) == 147456
 
 
-@pytest.mark.slow
-def test_every_kernel_config_compiles_for_hopper():
-    """ptxas for sm_90a accepts every kernel in every autotune config (the interpreter checks none of
-    that: tl.dot shapes, shared memory, wgmma lowering). Needs no GPU; runs with the interpreter off."""
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_triton; "
-            "test_triton._compile_every_kernel_for_hopper()")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=3000)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+def test_config_rules_prune_what_the_target_cannot_hold():
+    gated_bf16, gated_fp32 = _gemm_args(torch.bfloat16, True), _gemm_args(torch.float32, True)
+    big = _config(128, 256, 64, 8, 3)  # gated bf16: 245760 bytes > 232448
+    assert "245760 bytes" in tb._GEMM_RULES.rejection(big, gated_bf16, HOPPER)
+    fp32_tile = _config(64, 64, 32, 4, 3)  # gated fp32: (2048 + 4096) * 3 * 4 = 73728 bytes
+    assert tb._GEMM_RULES.rejection(fp32_tile, gated_fp32, AMPERE) is None
+    assert "another element size" in tb._GEMM_RULES.rejection(fp32_tile, gated_bf16, AMPERE)  # 64-byte K rows
+    # The weight-gradient kernel's K is its rows, not a contiguous dimension: no width rule there.
+    wgrad = _config(64, 64, 32, 4, 4, names=("BLOCK_P", "BLOCK_Q", "BLOCK_K"))
+    wgrad_args = {"l_ptr": torch.empty(0, dtype=torch.bfloat16), "PRECISION": "tf32", "db_ptr": None}
+    assert tb._WGRAD_RULES.rejection(wgrad, wgrad_args, AMPERE) is None
+
+
+def test_config_rules_prune_what_would_spill():
+    """Accumulators per thread = BLOCK_M * BLOCK_N (* 2 gated) / (32 * num_warps), against the
+    measured budget of the launch's role, target and dot."""
+    gated_bf16 = _gemm_args(torch.bfloat16, True)
+    assert tb._GEMM_RULES.accumulators(_config(128, 128, 64, 8, 4), gated_bf16) == 128
+    assert "128 accumulators" in tb._GEMM_RULES.rejection(_config(128, 128, 64, 8, 4), gated_bf16, HOPPER)
+    assert tb._GEMM_RULES.rejection(_config(128, 64, 64, 8, 4), gated_bf16, HOPPER) is None  # 64
+    # A plain GEMM holds twice as many on sm_90 (128x256 on 8 warps), not on sm_80.
+    plain_bf16 = _gemm_args(torch.bfloat16, False)
+    assert tb._GEMM_RULES.rejection(_config(128, 256, 64, 8, 3), plain_bf16, HOPPER) is None
+    assert "128 accumulators" in tb._GEMM_RULES.rejection(_config(128, 256, 64, 8, 3), plain_bf16, AMPERE)
+    # Kernel 3 in TF32 keeps 16 (64x64 on 8 warps), 16-bit 32 (64x64 on 4 warps).
+    epilogue = {"dout_ptr": torch.empty(0, dtype=torch.float32), "PRECISION": "tf32"}
+    assert "32 accumulators" in tb._EPILOGUE_RULES.rejection(_config(64, 64, 32, 4, 3), epilogue, HOPPER)
+    assert tb._EPILOGUE_RULES.rejection(_config(64, 64, 32, 8, 3), epilogue, HOPPER) is None
+    # FMA dots (fp32 "highest"): 32-wide K tiles on 8 warps only.
+    fma = _gemm_args(torch.float32, True, precision="ieee")
+    assert tb._GEMM_RULES.rejection(_config(64, 64, 32, 8, 3), fma, AMPERE) is None
+    assert "another element size or dot" in tb._GEMM_RULES.rejection(_config(64, 64, 32, 4, 3), fma, AMPERE)
+
+
+def test_config_rules_say_why_nothing_fits(monkeypatch):
+    """A device too small for every candidate gets an error naming it, not the autotuner's
+    'first config' fallback that fails at launch."""
+    monkeypatch.setattr(tb, "_device_target", lambda index: tb._Target(75, 65536))
+    configs = [_config(128, 128, 32, 8, 3), _config(64, 64, 32, 4, 3)]
+    gated = _gemm_args(torch.float32, True)  # the smaller config needs 73728 bytes gated, 49152 plain
+    with pytest.raises(RuntimeError, match="no launch config fits this GPU"):
+        tb._GEMM_RULES(configs, {"a_ptr": gated.pop("a_ptr")}, **gated)
+    plain = _gemm_args(torch.float32, False)
+    assert tb._GEMM_RULES(configs, {"a_ptr": plain.pop("a_ptr")}, **plain) == configs[1:]
