@@ -152,10 +152,8 @@ def expert_mlp(
         if chosen == "triton":
             from moezoo.kernels.triton_backend import expert_mlp_triton
 
-            return expert_mlp_triton(
-                x, routing.token, routing.expert, routing.weight, w_in, w_out, activation,
-                b_in=b_in, b_out=b_out, gated=gated, dropout=dropout, training=training,
-            )
+            return expert_mlp_triton(x, routing.token, routing.expert, routing.weight, w_in, w_out, activation,
+                                     b_in=b_in, b_out=b_out, gated=gated)
         return expert_mlp_torch(
             x, routing.token, routing.expert, routing.weight, w_in, w_out, activation,
             b_in=b_in, b_out=b_out, gated=gated, dropout=dropout, training=training,

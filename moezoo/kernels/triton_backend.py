@@ -41,7 +41,6 @@ torch's own CUDA matmuls do: "highest" is an exact fp32 dot, "high" and "medium"
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -53,7 +52,6 @@ from torch.autograd.function import once_differentiable
 
 from moezoo.kernels.activations import get_activation
 from moezoo.kernels.sorting import sort_by_expert
-from moezoo.kernels.torch_backend import expert_mlp_torch
 
 __all__ = ["INTERPRET", "expert_mlp_triton"]
 
@@ -67,7 +65,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # mantissa bits); 3xTF32 would be about fp32-exact at three times the MMA work, i.e. more than
 # torch itself gives for the same setting.
 _PRECISION = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
-_WARNED: set[str] = set()  # fallback reasons already warned about: each warns once per process
 
 # --- launch configurations ----------------------------------------------------------------------
 # The interpreter runs every program in numpy, so autotuning there would take minutes: it gets one
@@ -826,20 +823,6 @@ class _ExpertMLPFunction(torch.autograd.Function):
         return dx, dweight, dw_in, dw_out, db_in, db_out, None, None, None
 
 
-def _fallback_reason(x: Tensor, weight: Tensor, params: list[Tensor], dropout: float, training: bool) -> str | None:
-    """Why the kernels cannot give the right answer here, or None when they can."""
-    if dropout > 0 and training:
-        return "expert dropout is not fused into the kernels"
-    if not (x.is_cuda or INTERPRET):
-        return f"tensors on {x.device} need CUDA (or TRITON_INTERPRET=1)"
-    if x.dtype not in _DTYPES or any(p.dtype != x.dtype for p in params):
-        dtypes = sorted({str(t.dtype) for t in [x, *params]})
-        return f"dtypes {dtypes} of x and the expert parameters are not one and the same of fp32/fp16/bf16"
-    if not weight.is_floating_point():
-        return f"combine weights of dtype {weight.dtype} are not floating point"
-    return None
-
-
 def expert_mlp_triton(
     x: Tensor,
     token: Tensor,
@@ -852,12 +835,14 @@ def expert_mlp_triton(
     b_in: Tensor | None = None,
     b_out: Tensor | None = None,
     gated: bool = False,
-    dropout: float = 0.0,
-    training: bool = False,
 ) -> Tensor:
     """``out[t] = sum_{a: token[a]=t} weight[a] * mlp_{expert[a]}(x[t])`` with Triton kernels.
 
-    Same signature and semantics as :func:`moezoo.kernels.torch_backend.expert_mlp_torch`.
+    The semantics of :func:`moezoo.kernels.torch_backend.expert_mlp_torch` without expert dropout.
+    Call it through :func:`moezoo.kernels.expert_mlp`, whose
+    :func:`~moezoo.kernels.resolve_backend` sends here only what the kernels compute exactly
+    (CUDA or the interpreter; x and the expert parameters of one of fp32/fp16/bf16; no dropout in
+    training).
 
     Args:
         x: (T, D) fp32/fp16/bf16.
@@ -868,23 +853,10 @@ def expert_mlp_triton(
         activation: "gelu" (erf), "gelu_tanh", "silu" or "relu".
         b_in: optional (E, W); b_out: optional (E, Dout).
         gated: ``h = act(gate) * up``.
-        dropout, training: dropout > 0 while training runs the torch backend (not fused).
 
     Returns:
         (T, Dout) in x's dtype; tokens without assignments are zero.
-
-    Cases the kernels do not cover (dropout while training, tensors that are not on CUDA outside
-    the interpreter, unsupported or mixed dtypes) run :func:`expert_mlp_torch`, with a warning
-    once per reason.
     """
     get_activation(activation)  # the same ValueError as the torch backend for unknown names
-    params = [p for p in (w_in, w_out, b_in, b_out) if p is not None]
-    reason = _fallback_reason(x, weight, params, dropout, training)
-    if reason is not None:
-        if reason not in _WARNED:
-            _WARNED.add(reason)
-            warnings.warn(f"expert_mlp_triton: {reason}; using the torch backend", stacklevel=2)
-        return expert_mlp_torch(x, token, expert, weight, w_in, w_out, activation, b_in=b_in, b_out=b_out,
-                                gated=gated, dropout=dropout, training=training)
     plan = _make_plan(token, expert, x.shape[0], w_in.shape[0])
     return _ExpertMLPFunction.apply(x, weight, w_in, w_out, b_in, b_out, plan, _ACT_CODES[activation], gated)

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from moezoo import kernels  # noqa: E402
 from moezoo.kernels import ACTIVATIONS, expert_mlp  # noqa: E402
 from moezoo.kernels import triton_backend as tb  # noqa: E402
 from moezoo.kernels.sorting import sort_by_expert  # noqa: E402
@@ -390,13 +391,14 @@ def test_expert_mlp_entry_point_with_triton_backend():
 
 
 def _fallback_call(dtype=torch.float32, **kwargs):
-    """A function running a given backend on one fixed gated problem with ``kwargs``."""
+    """A function running expert_mlp with a given backend on one fixed gated problem with ``kwargs``."""
     num_tokens, dim, hidden, dim_out, num_experts, k = RAGGED
     token, expert = (t.to(DEVICE) for t in _routing(num_tokens, num_experts, k, empty=(0,), seed=9))
     x, weight, w_in, w_out, b_in, b_out = _params(num_tokens, dim, hidden, dim_out, num_experts, token.numel(),
                                                   gated=True, b_in=True, b_out=False, seed=9, dtype=dtype)
-    args = (x, token, expert, weight, w_in, w_out, "silu")
-    return lambda fn: fn(*args, b_in=b_in, b_out=b_out, gated=True, **kwargs)
+    routing = Routing(token, expert, weight, num_tokens, num_experts)
+    return lambda backend: expert_mlp(x, routing, w_in, w_out, "silu", b_in=b_in, gated=True, backend=backend,
+                                      **kwargs)
 
 
 def _warns_once(call, match):
@@ -409,32 +411,33 @@ def _warns_once(call, match):
     return first
 
 
-def test_dropout_in_training_falls_back_to_torch_and_warns_once(monkeypatch):
-    monkeypatch.setattr(tb, "_WARNED", set())
+def test_dropout_in_training_runs_the_torch_backend_and_warns_once(monkeypatch):
+    monkeypatch.setattr(kernels, "_WARNED", set())
     call = _fallback_call(dropout=0.5, training=True)
 
-    def seeded(fn):
+    def seeded(backend):
         torch.manual_seed(11)
-        return call(fn)
+        return call(backend)
 
-    out = _warns_once(lambda: seeded(tb.expert_mlp_triton), "dropout")
-    torch.testing.assert_close(out, seeded(expert_mlp_torch), rtol=0, atol=0)
+    out = _warns_once(lambda: seeded("triton"), "dropout")
+    torch.testing.assert_close(out, seeded("torch"), rtol=0, atol=0)
 
 
-def test_unsupported_dtype_falls_back_to_torch(monkeypatch):
-    monkeypatch.setattr(tb, "_WARNED", set())
+def test_unsupported_dtype_runs_the_torch_backend(monkeypatch):
+    monkeypatch.setattr(kernels, "_WARNED", set())
     call = _fallback_call(dtype=torch.float64)
-    out = _warns_once(lambda: call(tb.expert_mlp_triton), "dtypes")
-    torch.testing.assert_close(out, call(expert_mlp_torch), rtol=0, atol=0)
+    out = _warns_once(lambda: call("triton"), "dtypes")
+    torch.testing.assert_close(out, call("torch"), rtol=0, atol=0)
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="needs CPU tensors in the interpreter")
-def test_cpu_tensors_without_interpreter_fall_back_to_torch(monkeypatch):
-    monkeypatch.setattr(tb, "_WARNED", set())
-    monkeypatch.setattr(tb, "INTERPRET", False)
+def test_cpu_tensors_without_interpreter_run_the_torch_backend(monkeypatch):
+    monkeypatch.setattr(kernels, "_WARNED", set())
+    monkeypatch.setattr(kernels, "_triton_interpreting", lambda: False)
     call = _fallback_call()
-    out = _warns_once(lambda: call(tb.expert_mlp_triton), "need CUDA")
-    torch.testing.assert_close(out, call(expert_mlp_torch), rtol=0, atol=0)
+    out = _warns_once(lambda: call("triton"), "need CUDA")
+    assert kernels.resolve_backend("auto", torch.zeros(1)) == "torch"
+    torch.testing.assert_close(out, call("torch"), rtol=0, atol=0)
 
 
 # --- bookkeeping -------------------------------------------------------------------------------
