@@ -95,11 +95,10 @@ def recorded_launches(shape, dtype, precision: str, needs_grad: tuple[str, ...])
 
     launches: list[tuple] = []
     kernels = {name: value for name, value in vars(tb).items() if name.endswith("_kernel")}
-    saved_fallback, saved_precision = tb._fallback_reason, torch.get_float32_matmul_precision()
+    saved_precision = torch.get_float32_matmul_precision()
     try:
         for name, kernel in kernels.items():
             setattr(tb, name, _Recorder(kernel, launches))
-        tb._fallback_reason = lambda *args: None  # meta tensors are neither CUDA nor interpreted
         torch.set_float32_matmul_precision(precision)
         out = tb.expert_mlp_triton(leaves["x"], token, expert, leaves["weight"], leaves["w_in"], leaves["w_out"],
                                    shape.activation, b_in=leaves["b_in"], b_out=leaves["b_out"], gated=shape.gated)
@@ -109,7 +108,6 @@ def recorded_launches(shape, dtype, precision: str, needs_grad: tuple[str, ...])
     finally:
         for name, kernel in kernels.items():
             setattr(tb, name, kernel)
-        tb._fallback_reason = saved_fallback
         torch.set_float32_matmul_precision(saved_precision)
     return launches
 
