@@ -38,6 +38,7 @@ from moezoo.layers.attention import KVCache, MultiHeadAttention
 from moezoo.layers.experts import Experts
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moe import MoE
+from moezoo.layers.routed import KeepsLastForward
 from moezoo.modalities.timeseries.losses import autoregressive_loss, time_moe_balance_loss
 from moezoo.routers.top_k import TopKRouter
 
@@ -93,9 +94,10 @@ class InputEmbedding(nn.Module):
         return self.act(self.gate_layer(x)) * self.emb_layer(x)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(KeepsLastForward):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; the FFN is an MoE (or a dense
-    SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``."""
+    SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``
+    (detached in a copy of the layer)."""
 
     def __init__(self, index: int, dim: int, intermediate: int, num_heads: int, num_kv_heads: int,
                  num_experts: int, k: int, activation: str, eps: float, rope_theta: float, attention_dropout: float,
