@@ -32,6 +32,7 @@ __all__ = [
     "read_state_dict",
     "save_checkpoint",
     "sha256_of",
+    "write_text_atomically",
 ]
 
 WEIGHTS_NAME = "model.safetensors"
@@ -348,15 +349,26 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, Tensor], path: str 
         weight_map = {key: name for name, shard in zip(names_list, shards) for key in shard}
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = json.dumps({"metadata": {"total_size": total, **(metadata or {})}, "weight_map": weight_map}, indent=2)
-        fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_NAME}.", suffix=".tmp", dir=directory)
-        with os.fdopen(fd, "w") as f:
-            f.write(index + "\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, index_file)
-        written, names = index_file, set(names_list)
+        written, names = write_text_atomically(index_file, index + "\n"), set(names_list)
     for stale in previous - names:
         _remove(directory / stale)
     return written
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """``path.write_text(text)`` through a temporary file in the same folder and a rename: readers
+    see the old file or the new one, never a partial one."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
 
 
 def _umask() -> int:

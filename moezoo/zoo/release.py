@@ -6,16 +6,15 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from moezoo.zoo.cards import REPO_ROOT, results_path, write_card
 from moezoo.zoo.checkpoint import load_checkpoint, save_checkpoint, sha256_of
+from moezoo.zoo.hf import DTYPES
 from moezoo.zoo.registry import get_entry
 
 __all__ = ["evaluate_entry", "release"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: DTYPES[name] for name in ("float32", "float16", "bfloat16")}
 
 
 def evaluate_entry(name: str, checkpoint: str | os.PathLike | None = None, **options) -> dict[str, float]:
