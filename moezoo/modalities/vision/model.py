@@ -196,8 +196,7 @@ class VisionTransformerMoE(_ClassifierViT):
         """x: (B, C, H, W) -> (B * M, tokens, width) normalised tokens (M = ``ensemble_size``)."""
         if self.ensemble_size == 1:
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise ValueError("an E^3 model (ensemble_size > 1) takes no attention mask")
+        _refuse_mask(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         for i, block in enumerate(self.blocks):
             if i == self.moe_indices[0]:
@@ -224,11 +223,16 @@ class VisionTransformerMoE(_ClassifierViT):
         """x: (B, C, H, W) -> (B, classes): logits, or with E^3 the ensemble's log-probabilities."""
         if self.ensemble_size == 1:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise ValueError("an E^3 model (ensemble_size > 1) takes no attention mask")
+        _refuse_mask(attn_mask, is_causal)
         members = self.forward_members(x)
         log_probs = torch.log_softmax(members.float(), dim=-1).view(-1, self.ensemble_size, members.shape[-1])
         return (torch.logsumexp(log_probs, dim=1) - math.log(self.ensemble_size)).to(members.dtype)
+
+
+def _refuse_mask(attn_mask: Tensor | None, is_causal: bool) -> None:
+    # torch.fx traces with a placeholder for every argument: only a real mask or True is refused.
+    if isinstance(attn_mask, Tensor) or is_causal is True:
+        raise ValueError("an E^3 model (ensemble_size > 1) takes no attention mask")
 
 
 class VisionMoE(MoE):
