@@ -36,6 +36,10 @@ from moezoo.routers import (
     TopKRouter,
 )
 from moezoo.zoo import PretrainedCfg, create_model, list_models, load_checkpoint, register_model, save_checkpoint
+from moezoo.zoo.registry import get_pretrained_cfg, is_model, list_pretrained, push_to_hub
+
+# The vision entries become timm models (timm.create_model("vmoe_ti_digits"), timm.list_models, ...).
+import moezoo.modalities.vision.zoo  # noqa: E402, F401  isort: skip
 
 __version__ = "0.1.0"
 
@@ -63,11 +67,15 @@ __all__ = [
     "aux_loss",
     "create_model",
     "expert_mlp",
+    "get_pretrained_cfg",
+    "is_model",
     "kernels",
     "layers",
     "list_models",
+    "list_pretrained",
     "load_checkpoint",
     "parameter_counts",
+    "push_to_hub",
     "register_model",
     "routers",
     "routing_stats",

@@ -13,6 +13,13 @@ __all__ = ["main"]
 
 ROUTING_REPORT_HELP = ("Run a trained model over data and write a self-contained routing report (HTML with "
                        "embedded PNGs, the PNGs and a JSON of the numbers).")
+ZOO_HELP = "Browse, evaluate, convert, export and release zoo entries."
+#: What ``moezoo --help`` adds to LightningCLI's help: the commands dispatched before it.
+OTHER_COMMANDS = (
+    "Other commands: 'moezoo zoo {list,eval,convert,release,card,info,export}': " + ZOO_HELP
+    + " (moezoo zoo --help). 'moezoo routing-report --config CONFIG': " + ROUTING_REPORT_HELP
+    + " (moezoo routing-report --help)."
+)
 
 
 def _zoo_main(argv: Sequence[str]) -> int:
@@ -21,7 +28,7 @@ def _zoo_main(argv: Sequence[str]) -> int:
 
     from moezoo.zoo import get_entry, list_models
 
-    parser = argparse.ArgumentParser(prog="moezoo zoo", description="Browse, evaluate and release zoo entries.")
+    parser = argparse.ArgumentParser(prog="moezoo zoo", description=ZOO_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="print the registry as a table")
     ls.add_argument("pattern", nargs="?", default="*", help="shell-style name pattern")
@@ -182,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "routing-report":
         return _routing_report_main(args[1:])
     # LightningCLI reads sys.argv itself; pass args only when called from Python.
-    MoezooCLI(args=None if argv is None else args)
+    MoezooCLI(args=None if argv is None else args,
+              parser_kwargs={"description": "moezoo: LightningCLI for the zoo's tasks.", "epilog": OTHER_COMMANDS})
     return 0
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from moezoo.kernels.activations import ACTIVATIONS, get_activation
+from moezoo.kernels.compiled import expert_mlp_op
 from moezoo.kernels.torch_backend import expert_mlp_torch
 from moezoo.routers.routing import Routing
 
@@ -69,7 +70,9 @@ def resolve_backend(backend: str, x: Tensor, params: list[Tensor] | None = None,
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and not x.is_cuda):
+        # "auto" off CUDA is always the torch path; deciding it without asking Triton keeps
+        # torch.compile from breaking the graph on Triton's (untraceable) settings.
         return "torch"
     reason = _triton_unsupported(x, params or [], two_projections, dropout, training)
     if reason is None:
@@ -154,6 +157,10 @@ def expert_mlp(
 
             return expert_mlp_triton(x, routing.token, routing.expert, routing.weight, w_in, w_out, activation,
                                      b_in=b_in, b_out=b_out, gated=gated)
+        if torch.compiler.is_compiling() and not (dropout > 0 and training):
+            # One opaque node instead of the host-synchronising expert loop (moezoo.kernels.compiled).
+            return expert_mlp_op(x, routing.token, routing.expert, routing.weight, w_in, w_out, b_in, b_out,
+                                 activation, gated)
         return expert_mlp_torch(
             x, routing.token, routing.expert, routing.weight, w_in, w_out, activation,
             b_in=b_in, b_out=b_out, gated=gated, dropout=dropout, training=training,

@@ -13,6 +13,7 @@ from moezoo.layers.moe import RouterFactory, resolve_router
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers import losses as L
 from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
+from moezoo.routers.functional import bincount
 
 __all__ = ["MultimodalMoE"]
 
@@ -87,7 +88,7 @@ class MultimodalMoE(RoutedLayer):
             losses[f"{m}/local_entropy"] = L.local_entropy_loss(p)
             losses[f"{m}/global_entropy"] = L.global_entropy_loss(p, self.entropy_thresholds.get(m))
             mine = modality[routing.token] == i
-            stats[f"{m}/tokens_per_expert"] = torch.bincount(routing.expert[mine], minlength=self.num_experts).float()
+            stats[f"{m}/tokens_per_expert"] = bincount(routing.expert[mine], self.num_experts).float()
         out = self.experts(tokens, routing)
         self.record(losses, stats)
         results = dict(inputs)

@@ -11,6 +11,7 @@ from moezoo.layers.experts import ExpertBank
 from moezoo.routers.base import Router
 
 __all__ = [
+    "KeepsLastForward",
     "RoutedLayer",
     "aux_loss",
     "parameter_counts",
@@ -21,8 +22,32 @@ __all__ = [
 ]
 
 
-class RoutedLayer(nn.Module):
+def _detached(value):
+    if isinstance(value, Tensor) and value.grad_fn is not None:
+        return value.detach()
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+class KeepsLastForward(nn.Module):
+    """A module that keeps tensors of its last forward as attributes (losses, router logits).
+
+    Those tensors carry the forward's autograd graph until the next forward replaces them, so
+    that a loss can be formed from them after the forward returns. A copy of the module
+    (``copy.deepcopy``, ``timm.utils.ModelEmaV3``, pickling) gets them detached: a graph cannot be
+    copied, and a copy has not run that forward; their values stay readable.
+    """
+
+    def __getstate__(self) -> dict:
+        return {name: _detached(value) for name, value in super().__getstate__().items()}
+
+
+class RoutedLayer(KeepsLastForward):
     """Base of layers that route (MoE, MoE attention): keeps the last forward's losses and stats.
+
+    The losses keep their autograd graph (:func:`aux_loss` adds them to the objective); a copy of
+    the layer holds them detached (see :class:`KeepsLastForward`).
 
     Args:
         aux_loss_weights: coefficient per auxiliary-loss name, used by :func:`aux_loss` when the
@@ -37,6 +62,16 @@ class RoutedLayer(nn.Module):
                 raise ValueError(f"aux_loss_weights[{name!r}] must be a number >= 0, got {value!r}")
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
+
+    def __prepare_scriptable__(self) -> RoutedLayer:
+        # torch.jit.script calls this on every submodule before compiling: fail with the reason and
+        # the alternatives instead of TorchScript's error about whichever construct it meets first.
+        raise RuntimeError(
+            f"{type(self).__name__}: routed layers cannot be compiled by TorchScript (routing returns a "
+            "dataclass of data-dependent size and records dicts of tensors). Use torch.compile; for torch.fx "
+            "(timm's feature extraction) the layer is a leaf module "
+            "(timm.layers.register_notrace_module)."
+        )
 
     def record(self, losses: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> None:
         self.last_losses = dict(losses)

@@ -188,10 +188,14 @@ class Router(nn.Module, abc.ABC):
 
 
 def set_routing(model: nn.Module, *, eval_capacity_factor: float | None = None,
-                batch_priority: bool | None = None) -> None:
-    """Change every router's evaluation capacity factor and/or BPR flag (V-MoE's inference knob). A
-    token-choice router trained without capacity gets one at evaluation; routers that never use a
-    capacity (sigmoid, hash, ...) ignore it."""
+                batch_priority: bool | None = None, check_finite: bool | None = None) -> None:
+    """Change every router's evaluation capacity factor and/or BPR flag (V-MoE's inference knob),
+    and/or its finiteness check. A token-choice router trained without capacity gets one at
+    evaluation; routers that never use a capacity (sigmoid, hash, ...) ignore it.
+
+    ``check_finite=False`` removes the one host synchronisation of every router's forward, which
+    ``torch.compile(..., fullgraph=True)`` needs (see the README's "timm and Hugging Face conventions").
+    """
     for router in model.modules():
         if not isinstance(router, Router):
             continue
@@ -199,6 +203,8 @@ def set_routing(model: nn.Module, *, eval_capacity_factor: float | None = None,
             router.eval_capacity_factor = float(eval_capacity_factor)
         if batch_priority is not None and hasattr(router, "batch_priority"):
             router.batch_priority = bool(batch_priority)
+        if check_finite is not None:
+            router.check_finite = bool(check_finite)
 
 
 def routing_stats_from(
@@ -217,7 +223,7 @@ def routing_stats_from(
         ``entropy``: mean router entropy in nats (absent without probs).
     """
     with torch.no_grad():
-        counts = torch.bincount(expert, minlength=num_experts).float()
+        counts = RF.bincount(expert, num_experts).float()
         routed = torch.zeros(num_tokens, dtype=torch.bool, device=token.device)
         routed[token] = True
         stats = {

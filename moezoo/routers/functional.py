@@ -15,6 +15,7 @@ from torch import Tensor
 
 __all__ = [
     "balanced_assignment",
+    "bincount",
     "expert_capacity",
     "expert_choice_assign",
     "sigmoid_top_k",
@@ -60,6 +61,16 @@ def expert_capacity(
     if multiple_of:
         capacity = math.ceil(capacity / multiple_of) * multiple_of
     return capacity
+
+
+def bincount(index: Tensor, size: int) -> Tensor:
+    """(size,) int64: how often each of ``0 .. size - 1`` occurs in the int64 ``index`` (any shape).
+
+    ``torch.bincount``'s output length depends on the largest value, so it syncs with the host and
+    breaks ``torch.compile`` graphs; this one has a static length (a value >= size raises).
+    """
+    flat = index.reshape(-1)
+    return torch.zeros(size, dtype=torch.int64, device=index.device).index_add_(0, flat, torch.ones_like(flat))
 
 
 def _check_probs(probs: Tensor, name: str = "probs") -> None:
@@ -112,7 +123,7 @@ def sigmoid_top_k(scores: Tensor, k: int, *, selection_bias: Tensor | None = Non
 def _rank_within_key(key: Tensor, num_keys: int) -> Tensor:
     """For a sequence of integer keys (A,), the number of earlier entries with the same key."""
     order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=num_keys)
+    counts = bincount(key, num_keys)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(key.numel(), device=key.device) - starts[key[order]]
     rank = torch.empty_like(rank_sorted)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moezoo.routers.functional import bincount
+
 __all__ = [
     "cv_squared",
     "global_entropy_loss",
@@ -109,7 +111,7 @@ def load_balancing_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
             f"expert_index must have shape (tokens,) or (tokens, k) with tokens={probs.shape[0]}, "
             f"got {tuple(expert_index.shape)}"
         )
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts).float()
+    counts = bincount(expert_index, num_experts).float()
     share = counts / counts.sum()
     return num_experts * (share * probs.mean(dim=0)).sum()
 

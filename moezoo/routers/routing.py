@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor
+
+from moezoo.routers.functional import bincount
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Routing:
 
     def tokens_per_expert(self) -> Tensor:
         """(num_experts,) int64 count of assignments per expert."""
-        return torch.bincount(self.expert, minlength=self.num_experts)
+        return bincount(self.expert, self.num_experts)
 
     def dense_weights(self) -> Tensor:
         """(num_tokens, num_experts) combine-weight matrix, zero where nothing is assigned."""

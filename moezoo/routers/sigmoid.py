@@ -82,7 +82,7 @@ class SigmoidRouter(Router):
             weight = weight / torch.zeros(num_tokens, device=x.device).index_add(0, token, weight)[token]
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
-                load = torch.bincount(expert, minlength=num_experts).float()
+                load = RF.bincount(expert, num_experts).float()
                 self.pending_load = load if self.pending_load is None else self.pending_load + load
         share = scores / scores.sum(dim=-1, keepdim=True)
         losses = {"load_balancing": L.load_balancing_loss(share, expert.view(self.k, num_tokens).t()),

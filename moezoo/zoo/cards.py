@@ -14,7 +14,7 @@ from typing import Any
 
 from moezoo.zoo.registry import ModelEntry
 
-__all__ = ["REPO_ROOT", "card_path", "load_results", "render_card", "results_path", "write_card"]
+__all__ = ["PIPELINE_TAGS", "REPO_ROOT", "card_path", "load_results", "pipeline_tag", "render_card", "results_path", "write_card"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,6 +40,21 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+#: The hub's pipeline tag of an entry without a task of its own, by modality.
+PIPELINE_TAGS = {
+    "vision": "image-classification",
+    "language_image": "zero-shot-image-classification",
+    "text": "text-generation",
+    "timeseries": "time-series-forecasting",
+    "speech": "automatic-speech-recognition",
+}
+
+
+def pipeline_tag(entry: ModelEntry) -> str:
+    """The card's ``pipeline_tag`` (the hub's task filter): the entry's task, else its modality's."""
+    return entry.card.get("pipeline_tag") or entry.card.get("task") or PIPELINE_TAGS[entry.modality]
+
+
 def render_card(entry: ModelEntry, results: dict[str, Any] | None, studies: list[dict[str, Any]]) -> str:
     """The Markdown card: YAML metadata (license, tags, datasets, model-index metrics) and body.
 
@@ -56,6 +71,7 @@ def render_card(entry: ModelEntry, results: dict[str, Any] | None, studies: list
         "---",
         f"license: {info.get('license', 'apache-2.0')}",
         "library_name: moezoo",
+        f"pipeline_tag: {pipeline_tag(entry)}",
         "tags:",
         *[f"- {t}" for t in info.get("tags", [])],
         "datasets:",
@@ -147,6 +163,7 @@ def _architecture_card(entry: ModelEntry) -> str:
         # moezoo's code is Apache-2.0; public weights carry their publisher's licence.
         f"license: {info.get('license', 'apache-2.0' if cfg is None else 'other')}",
         "library_name: moezoo",
+        f"pipeline_tag: {pipeline_tag(entry)}",
         "tags:",
         *[f"- {t}" for t in info.get("tags", ["moezoo", "mixture-of-experts", entry.modality])],
         "---",

@@ -6,16 +6,15 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from moezoo.zoo.cards import REPO_ROOT, results_path, write_card
 from moezoo.zoo.checkpoint import load_checkpoint, save_checkpoint, sha256_of
+from moezoo.zoo.hf import DTYPES
 from moezoo.zoo.registry import get_entry
 
 __all__ = ["evaluate_entry", "release"]
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = {name: DTYPES[name] for name in ("float32", "float16", "bfloat16")}
 
 
 def evaluate_entry(name: str, checkpoint: str | os.PathLike | None = None, **options) -> dict[str, float]:
@@ -46,13 +45,15 @@ def release(name: str, checkpoint: str | os.PathLike, *, dtype: str = "float16",
     digest = sha256_of(target)
     index_file = WEIGHTS_DIR / "index.json"
     index = json.loads(index_file.read_text()) if index_file.exists() else {}
-    index[name] = {"file": target.name, "sha256": digest, "dtype": dtype}
-    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     # Evaluate exactly what ships: the stored (rounded) weights, checked against their hash.
     shipped = entry.builder(**entry.default_args)
     load_checkpoint(shipped, target, sha256=digest, entry=name, adapter=entry.checkpoint_adapter)
     metrics = entry.evaluator()(shipped)
+    # The card's headline figures travel with the weights (PretrainedCfg.metrics of the entry).
+    headline = {k: metrics[k] for k in entry.card.get("card_metrics", list(metrics))}
+    index[name] = {"file": target.name, "sha256": digest, "dtype": dtype, "metrics": headline}
+    index_file.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     record = {
         "entry": name,
         "dataset": entry.card.get("dataset_name", "-"),

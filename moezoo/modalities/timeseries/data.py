@@ -34,6 +34,7 @@ __all__ = [
     "SeriesDataModule",
     "WindowDataset",
     "csv_borders",
+    "SyntheticCorpus",
     "kernel_synth",
     "load_real_series",
     "read_csv_splits",
@@ -46,6 +47,13 @@ __all__ = [
 #: Periods (in steps) of the periodic kernels: KernelSynth's list (hourly, daily, weekly, monthly,
 #: yearly cycles at common sampling rates).
 PERIODS = (24, 48, 96, 168, 336, 672, 7, 14, 30, 60, 365, 730, 4, 26, 52, 6, 12, 40, 10)
+
+
+def _kernel_bank_names() -> list[str]:
+    """The kernels of :func:`_kernel_bank`, in its order."""
+    return (["constant"] + [f"white_noise({n})" for n in (0.1, 1.0)] + [f"linear({s})" for s in (0.0, 1.0, 10.0)]
+            + [f"rbf({s})" for s in (0.1, 1.0, 10.0)] + [f"rational_quadratic({a})" for a in (0.1, 1.0, 10.0)]
+            + [f"periodic({p})" for p in PERIODS])
 
 
 def _kernel_bank(length: int) -> list[np.ndarray]:
@@ -61,10 +69,10 @@ def _kernel_bank(length: int) -> list[np.ndarray]:
     return bank
 
 
-def _sample_gp(cov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One draw of N(0, cov); Cholesky with a small jitter, eigen-decomposition if that fails."""
+def _sample_gp(cov: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The draw of N(0, cov) for the standard normal ``z``; Cholesky with a small jitter,
+    eigen-decomposition if that fails."""
     jitter = 1e-6 * max(float(np.mean(np.diag(cov))), 1e-12)
-    z = rng.standard_normal(cov.shape[0])
     try:
         return np.linalg.cholesky(cov + jitter * np.eye(cov.shape[0])) @ z
     except np.linalg.LinAlgError:
@@ -72,12 +80,18 @@ def _sample_gp(cov: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return vectors @ (np.sqrt(np.clip(values, 0.0, None)) * z)
 
 
-def kernel_synth(num_series: int, length: int = 512, seed: int = 0, max_kernels: int = 5) -> np.ndarray:
-    """KernelSynth-style synthetic series.
+class SyntheticCorpus(Sequence[np.ndarray]):
+    """KernelSynth-style synthetic series, generated on first access.
 
     For each series: draw j ~ U{1..max_kernels} kernels with replacement from the bank (constant,
     white noise, linear, RBF, rational quadratic, periodic with the :data:`PERIODS`), combine them
     left to right with + or * chosen at random, and draw one sample of the zero-mean GP prior.
+
+    The corpus is a function of the seed: one pass over the random stream (cheap: the kernel
+    choices, the operators and each series' normal draws, in the order of a series-by-series
+    generation) fixes every series, and series i's Gaussian-process sample (a Cholesky factorisation
+    of a length x length covariance, the whole cost) is computed when ``corpus[i]`` is first read,
+    then kept. A training run that reads a few series (``fast_dev_run``) pays for those alone.
 
     Args:
         num_series: number of series.
@@ -85,21 +99,43 @@ def kernel_synth(num_series: int, length: int = 512, seed: int = 0, max_kernels:
         seed: the whole corpus is a function of it.
         max_kernels: most kernels in one composition (KernelSynth: 5).
 
-    Returns:
-        (num_series, length) float32, each series z-scored (:func:`zero_scale`).
+    ``corpus[i]``: (length,) float32, z-scored (:func:`zero_scale`).
     """
-    for name, value in (("num_series", num_series), ("length", length), ("max_kernels", max_kernels)):
-        require_int("kernel_synth", name, value)
-    bank = _kernel_bank(length)
-    rng = np.random.default_rng(seed)
-    out = np.empty((num_series, length), dtype=np.float32)
-    for i in range(num_series):
-        chosen = rng.integers(0, len(bank), size=rng.integers(1, max_kernels + 1))
-        cov = bank[chosen[0]].copy()
-        for c in chosen[1:]:
-            cov = cov + bank[c] if rng.random() < 0.5 else cov * bank[c]
-        out[i] = zero_scale(_sample_gp(cov, rng))
-    return out
+
+    def __init__(self, num_series: int, length: int = 512, seed: int = 0, max_kernels: int = 5) -> None:
+        for name, value in (("num_series", num_series), ("length", length), ("max_kernels", max_kernels)):
+            require_int("kernel_synth", name, value)
+        self.length = length
+        bank_size = len(_kernel_bank_names())
+        rng = np.random.default_rng(seed)
+        self._recipes: list[tuple[np.ndarray, list[bool], np.ndarray]] = []
+        for _ in range(num_series):
+            chosen = rng.integers(0, bank_size, size=rng.integers(1, max_kernels + 1))
+            adds = [bool(rng.random() < 0.5) for _ in chosen[1:]]
+            self._recipes.append((chosen, adds, rng.standard_normal(length)))
+        self._series: dict[int, np.ndarray] = {}
+        self._bank: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self._recipes)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = range(len(self))[index]
+        if index not in self._series:
+            if self._bank is None:
+                self._bank = _kernel_bank(self.length)
+            chosen, adds, z = self._recipes[index]
+            cov = self._bank[chosen[0]].copy()
+            for c, add in zip(chosen[1:], adds):
+                cov = cov + self._bank[c] if add else cov * self._bank[c]
+            self._series[index] = zero_scale(_sample_gp(cov, z)).astype(np.float32)
+        return self._series[index]
+
+
+def kernel_synth(num_series: int, length: int = 512, seed: int = 0, max_kernels: int = 5) -> np.ndarray:
+    """The whole :class:`SyntheticCorpus` at once: (num_series, length) float32."""
+    corpus = SyntheticCorpus(num_series, length, seed, max_kernels)
+    return np.stack([corpus[i] for i in range(num_series)])
 
 
 def zero_scale(series: np.ndarray) -> np.ndarray:
@@ -235,22 +271,24 @@ class WindowDataset(Dataset):
     def __init__(self, series: Sequence[np.ndarray], max_length: int, stride: int | None = None) -> None:
         if max_length < 1 or (stride is not None and stride < 1):
             raise ValueError(f"WindowDataset: max_length and stride must be >= 1, got {max_length}, {stride}")
-        self.series = [np.asarray(s, dtype=np.float32) for s in series]
+        # The series are read when a window is (a SyntheticCorpus generates them then).
+        self.series = series
         self.max_length = max_length
         stride = stride or max_length
         self.index: list[tuple[int, int]] = []
-        for i, s in enumerate(self.series):
-            if len(s) < 2:
+        lengths = [series.length] * len(series) if isinstance(series, SyntheticCorpus) else [len(s) for s in series]
+        for i, length in enumerate(lengths):
+            if length < 2:
                 continue
             self.index.append((i, 0))
-            self.index += [(i, off) for off in range(stride, len(s) - (max_length + 1) + 1, stride)]
+            self.index += [(i, off) for off in range(stride, length - (max_length + 1) + 1, stride)]
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         i, offset = self.index[item]
-        window = self.series[i][offset : offset + self.max_length + 1]
+        window = np.asarray(self.series[i][offset : offset + self.max_length + 1], dtype=np.float32)
         mask = np.ones(len(window) - 1, dtype=np.float32)
         pad = self.max_length + 1 - len(window)
         if pad:
@@ -355,11 +393,11 @@ class SeriesDataModule(SplitDataModule):
         if self.splits:
             return
         if self.source == "synthetic":
-            train = kernel_synth(self.num_series, self.series_length, self.seed)
-            val = kernel_synth(self.val_series, self.series_length, self.seed + 1)
+            train = SyntheticCorpus(self.num_series, self.series_length, self.seed)
+            val = SyntheticCorpus(self.val_series, self.series_length, self.seed + 1)
             splits = {
-                "train": WindowDataset(list(train), self.max_length, self.stride),
-                "val": WindowDataset(list(val), self.max_length),
+                "train": WindowDataset(train, self.max_length, self.stride),
+                "val": WindowDataset(val, self.max_length),
                 "test": _ZScored(ForecastWindows([s.values for s in load_real_series()], self.context_length,
                                                  self.horizon, self.test_stride)),
             }

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from moezoo.layers.attention import KVCache, MultiHeadAttention
 from moezoo.layers.experts import Experts
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moe import MoE
+from moezoo.layers.routed import KeepsLastForward
 from moezoo.modalities.timeseries.losses import autoregressive_loss, time_moe_balance_loss
 from moezoo.routers.top_k import TopKRouter
 
@@ -49,6 +51,11 @@ __all__ = [
 ]
 
 CONFIG_NAME = "config.json"
+#: The hub repo holding the reference's modeling code (the same for every Time-MoE size), which the
+#: ``auto_map`` of a saved ``config.json`` names.
+REMOTE_CODE = "Maple728/TimeMoE-50M"
+#: The transformers version the reference code runs on (its requirements; it fails on transformers 5).
+REFERENCE_TRANSFORMERS_VERSION = "4.40.1"
 
 #: config.json fields of the reference ``TimeMoeConfig`` that define the network, as constructor
 #: arguments of :class:`TimeMoE` (same names).
@@ -93,9 +100,10 @@ class InputEmbedding(nn.Module):
         return self.act(self.gate_layer(x)) * self.emb_layer(x)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(KeepsLastForward):
     """Pre-norm block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``; the FFN is an MoE (or a dense
-    SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``."""
+    SwiGLU with ``use_dense``). Keeps the router logits of its last forward in ``router_logits``
+    (detached in a copy of the layer)."""
 
     def __init__(self, index: int, dim: int, intermediate: int, num_heads: int, num_kv_heads: int,
                  num_experts: int, k: int, activation: str, eps: float, rope_theta: float, attention_dropout: float,
@@ -277,6 +285,8 @@ class TimeMoE(nn.Module):
         if embed_init_std is not None and embed_init_std <= 0:
             raise ValueError(f"TimeMoE: embed_init_std must be > 0 or None, got {embed_init_std}")
         self.embed_init_std = embed_init_std
+        #: Where the weights came from (transformers' ``name_or_path``), written as ``_name_or_path``.
+        self.name_or_path = "time_moe"
         self.reset_parameters()
 
     @torch.no_grad()
@@ -422,63 +432,150 @@ class TimeMoE(nn.Module):
                     "attention_dropout": 0.0, "router_aux_loss_factor": 0.02}
         return {name: config.get(name, defaults.get(name)) for name in CONFIG_FIELDS}
 
-    def reference_config(self) -> dict[str, Any]:
-        """The ``config.json`` the reference writes for this network."""
+    def reference_config(self, *, remote_code: str | None = REMOTE_CODE) -> dict[str, Any]:
+        """The ``config.json`` the reference writes for this network, with what transformers needs
+        to load it through the reference code: ``transformers_version`` (the one the reference code
+        runs on) and ``auto_map`` to its ``TimeMoeConfig`` and ``TimeMoeForPrediction``.
+
+        Args:
+            remote_code: the hub repo whose modeling code ``auto_map`` names (transformers' ``repo--module.Class``
+                form), so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)``
+                fetches it; None names the modules alone, as the hub repos do, for a folder that holds
+                the reference's ``configuration_time_moe.py`` and ``modeling_time_moe.py`` itself.
+        """
         dtype = str(self.lm_heads[0].out_layer.weight.dtype).removeprefix("torch.")
+        prefix = "" if remote_code is None else f"{remote_code}--"
         return {
             **self.config,
+            "_name_or_path": self.name_or_path,
             "apply_aux_loss": not self.use_dense,
             "architectures": ["TimeMoeForPrediction"],
+            "auto_map": {
+                "AutoConfig": f"{prefix}configuration_time_moe.TimeMoeConfig",
+                "AutoModelForCausalLM": f"{prefix}modeling_time_moe.TimeMoeForPrediction",
+            },
             "model_type": "time_moe",
             "tie_word_embeddings": False,
             "torch_dtype": dtype,
+            "transformers_version": REFERENCE_TRANSFORMERS_VERSION,
             "use_cache": True,
         }
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str | os.PathLike, *, backend: str = "auto",
-                        revision: str | None = None) -> TimeMoE:
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        dtype: str | torch.dtype | None = None,
+        torch_dtype: str | torch.dtype | None = None,
+        device_map: str | int | torch.device | Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        trust_remote_code: bool | None = None,
+        backend: str = "auto",
+    ) -> TimeMoE:
         """A model from a folder (or HF hub repo id) holding the reference's ``config.json`` and
-        ``model.safetensors`` (e.g. ``"Maple728/TimeMoE-50M"``).
+        ``model.safetensors`` or a sharded ``model.safetensors.index.json`` (e.g.
+        ``"Maple728/TimeMoE-50M"``, a ``save_pretrained`` folder, a ``moezoo zoo export`` folder),
+        with transformers' keywords.
 
         The hub is reached through :func:`moezoo.zoo.hub.hub_download` (its cache, HF_HUB_OFFLINE
-        and HF_HOME apply). Weights are loaded all-or-nothing by
-        :func:`moezoo.zoo.checkpoint.load_checkpoint`: a missing or unexpected key or a wrong shape
-        raises a ``CheckpointError`` naming the reference keys. The parameters are float32 whatever
-        the file's dtype (the public checkpoints are bfloat16); cast the model to change that.
+        and HF_HOME apply; ``cache_dir``, ``revision``, ``token`` and ``local_files_only`` go to it).
+        Weights are loaded all-or-nothing by :func:`moezoo.zoo.checkpoint.load_checkpoint`: a
+        missing or unexpected key or a wrong shape raises a ``CheckpointError`` naming the reference
+        keys.
+
+        Args:
+            dtype: the parameters' dtype (``torch_dtype`` is its older name): None (the default)
+                gives float32 whatever the file's dtype (the public checkpoints are bfloat16), as
+                transformers 4 does; ``"auto"`` the dtype the checkpoint was saved in (its config's
+                ``torch_dtype``, as transformers 5's default); or a dtype.
+            device_map: the one device to put the model on (``"cuda:0"``, ``"auto"``, ``{"": device}``).
+            trust_remote_code: accepted for transformers' calls and ignored: the code is moezoo's.
+            backend: expert-computation backend of :func:`moezoo.kernels.expert_mlp`.
         """
         from moezoo.modalities.timeseries.convert import REFERENCE_LAYOUT
         from moezoo.zoo.checkpoint import load_checkpoint
+        from moezoo.zoo.hf import resolve_device, resolve_dtype
 
+        owner = "TimeMoE.from_pretrained"
+        device = resolve_device(device_map, owner=owner)
         folder = Path(os.path.expanduser(str(path_or_hub_id)))
         if not folder.is_dir():
             if folder.exists() or str(path_or_hub_id).count("/") != 1:
-                raise FileNotFoundError(
-                    f"TimeMoE.from_pretrained: {path_or_hub_id!r} is neither a folder nor a hub id 'owner/name'"
-                )
+                raise FileNotFoundError(f"{owner}: {path_or_hub_id!r} is neither a folder nor a hub id 'owner/name'")
             from moezoo.zoo.hub import hub_download
 
-            folder = hub_download(str(path_or_hub_id), revision=revision, allow_patterns=[CONFIG_NAME, "*.safetensors"])
+            hub_kwargs = {"cache_dir": cache_dir, "token": token, "local_files_only": local_files_only}
+            folder = hub_download(str(path_or_hub_id), revision=revision, allow_patterns=[CONFIG_NAME, "*.safetensors",
+                                  "*.safetensors.index.json"], **{k: v for k, v in hub_kwargs.items() if v})
         config_file = folder / CONFIG_NAME
         if not config_file.is_file():
-            raise FileNotFoundError(f"TimeMoE.from_pretrained: no {CONFIG_NAME} in {folder}")
+            raise FileNotFoundError(f"{owner}: no {CONFIG_NAME} in {folder}")
         try:
             config = json.loads(config_file.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"TimeMoE.from_pretrained: {config_file} is not valid JSON ({err})") from err
+            raise ValueError(f"{owner}: {config_file} is not valid JSON ({err})") from err
+        target_dtype = resolve_dtype(dtype, torch_dtype, config.get("dtype", config.get("torch_dtype")), owner=owner)
         model = cls(**cls.config_from_dict(config, str(config_file)), backend=backend)
         load_checkpoint(model, folder, entry=str(path_or_hub_id), adapter=REFERENCE_LAYOUT)
-        return model
+        model.name_or_path = str(path_or_hub_id)
+        return model.to(device=device, dtype=target_dtype)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` in the reference layout (loadable by
-        :meth:`from_pretrained` and by the reference code)."""
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_shard_size: int | str = "5GB",
+        safe_serialization: bool = True,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        remote_code: str | None = REMOTE_CODE,
+        **hub_kwargs: Any,
+    ) -> Path:
+        """Write ``config.json`` (:meth:`reference_config`; with moezoo's record when the model came
+        from :func:`moezoo.create_model`) and the weights in the reference layout, as
+        ``model.safetensors`` or, past ``max_shard_size`` (transformers' default "5GB"), shards and
+        ``model.safetensors.index.json`` — loadable by :meth:`from_pretrained`,
+        ``moezoo.create_model(checkpoint_path=directory)`` and the reference code. The weights are
+        written atomically (see :func:`moezoo.zoo.checkpoint.save_checkpoint`), the config last.
+
+        Args:
+            safe_serialization: must be True: moezoo writes safetensors only.
+            push_to_hub: then upload the folder to ``repo_id`` (default: the folder's name) with
+                ``hub_kwargs`` (``token``, ``private``, ``revision``, ``commit_message``, ``create_pr``;
+                see :func:`moezoo.zoo.hub.upload_folder`).
+            remote_code: see :meth:`reference_config`.
+        """
         from moezoo.modalities.timeseries.convert import to_reference
-        from moezoo.zoo.checkpoint import save_checkpoint
+        from moezoo.zoo.checkpoint import save_checkpoint, write_text_atomically
 
+        if not safe_serialization:
+            raise ValueError("TimeMoE.save_pretrained: safe_serialization must be True (moezoo writes safetensors only)")
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
         # transformers refuses safetensors files without the "format" metadata.
-        save_checkpoint(to_reference(self.state_dict()), target, metadata={"format": "pt"})
-        (target / CONFIG_NAME).write_text(json.dumps(self.reference_config(), indent=2, sort_keys=True) + "\n")
+        save_checkpoint(to_reference(self.state_dict()), target, metadata={"format": "pt"},
+                        max_shard_size=max_shard_size)
+        config = self.reference_config(remote_code=remote_code)
+        if getattr(self, "moezoo_entry", None) is not None:
+            config["moezoo"] = {"entry": self.moezoo_entry, "args": dict(getattr(self, "moezoo_args", {}))}
+        write_text_atomically(target / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if push_to_hub:
+            from moezoo.zoo.hub import upload_folder
+
+            upload_folder(target, repo_id or target.resolve().name, **hub_kwargs)
         return target
+
+    def push_to_hub(self, repo_id: str, *, max_shard_size: int | str = "5GB", remote_code: str | None = REMOTE_CODE,
+                    **hub_kwargs: Any) -> str:
+        """Save (:meth:`save_pretrained`) into a temporary folder and upload it to the hub repo
+        ``repo_id`` in one commit (created if needed); returns the commit URL. ``hub_kwargs`` as
+        :func:`moezoo.zoo.hub.upload_folder` takes them."""
+        from moezoo.zoo.hub import upload_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", max_shard_size=max_shard_size, remote_code=remote_code)
+            return upload_folder(folder, repo_id, **hub_kwargs)

@@ -13,6 +13,12 @@ _INPUT_SPEC = {
     "max_context": 4096,
 }
 
+def hub_config(model: TimeMoE) -> dict:
+    """The reference ``config.json`` of a zoo Time-MoE, for exported folders (so that
+    ``TimeMoE.from_pretrained`` and the reference code read them)."""
+    return {**model.reference_config(), "_name_or_path": model.moezoo_entry}
+
+
 #: The public checkpoints' config.json (MODELS.md §5c): TimeMoE-50M and TimeMoE-200M.
 TIME_MOE_SIZES = {
     "50m": dict(hidden_size=384, intermediate_size=1536),
@@ -34,8 +40,12 @@ for size, dims in TIME_MOE_SIZES.items():
             f"Time-MoE {'base' if size == '50m' else 'large'} ({hub_id}): 12 layers, width {dims['hidden_size']}, "
             "top-2 of 8 experts + gated shared expert, heads 1/8/32/64; pretrained on Time-300B"
         ),
-        pretrained_cfg=PretrainedCfg(source=f"hf-hub:{hub_id}", input_spec=dict(_INPUT_SPEC)),
+        # The upstream hub card (Maple728/TimeMoE-50M, -200M) licenses the weights apache-2.0.
+        pretrained_cfg=PretrainedCfg(source=f"hf-hub:{hub_id}", license="apache-2.0", input_spec=dict(_INPUT_SPEC)),
         checkpoint_adapter=REFERENCE_LAYOUT,
+        hf_config=hub_config,
+        card={"license": "apache-2.0", "task": "time-series-forecasting",
+              "tags": ["moezoo", "mixture-of-experts", "time-moe", "time-series-forecasting"]},
         **_COMMON,
         **dims,
     )
@@ -61,6 +71,7 @@ register_model(
         card="model_cards/time_moe_tiny.md",
     ),
     checkpoint_adapter=REFERENCE_LAYOUT,  # released in the reference layout, as the public checkpoints
+    hf_config=hub_config,
     evaluate="moezoo.modalities.timeseries.evaluate:evaluate_zero_shot",
     card={
         "config": "configs/timeseries/time_moe_tiny.yaml",
@@ -96,4 +107,18 @@ register_model(
         ),
     },
     **TIME_MOE_TINY,
+)
+
+register_model(
+    "time_moe",
+    TimeMoE,
+    modality="timeseries",
+    description=(
+        "Time-MoE of any architecture (TimeMoE-50M's otherwise): what a folder with a reference config.json "
+        "(model_type time_moe, e.g. written by TimeMoE.save_pretrained) loads as, with create_model(checkpoint_path=...)"
+    ),
+    checkpoint_adapter=REFERENCE_LAYOUT,
+    hf_config=hub_config,
+    hf_model_type="time_moe",
+    from_hf_config=TimeMoE.config_from_dict,
 )

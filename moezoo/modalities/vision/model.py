@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Mapping
-from functools import partial
 
 import torch
+from timm.layers import register_notrace_module
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import Tensor, nn
 
@@ -16,7 +16,7 @@ from moezoo.layers.placement import moe_block_indices
 from moezoo.layers.soft_moe import SoftMoE
 from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, bpr_router_factory
 
-__all__ = ["ACTIVATIONS", "SoftMoEVisionTransformer", "VisionTransformerMoE"]
+__all__ = ["ACTIVATIONS", "SoftMoEVisionTransformer", "VisionMoE", "VisionTransformerMoE"]
 
 #: MLP and expert activations, by their moezoo kernel names (timm knows the same names).
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -30,9 +30,12 @@ class _ClassifierViT(VisionTransformer):
     so ``forward_head(x, pre_logits=True)`` returns the tanh features.
     """
 
-    def __init__(self, *, activation: str, representation_size: int | None, **timm_kwargs) -> None:
+    def __init__(self, *, activation: str = "gelu", representation_size: int | None = None, **timm_kwargs) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if "act_layer" in timm_kwargs:
+            raise ValueError(f"give the activation as activation= (one of {ACTIVATIONS}), not act_layer="
+                             f"{timm_kwargs['act_layer']!r}: the experts use the same one")
         if representation_size is not None and (
             isinstance(representation_size, bool) or not isinstance(representation_size, int) or representation_size < 1
         ):
@@ -78,9 +81,14 @@ class VisionTransformerMoE(_ClassifierViT):
     ``log(mean_m softmax(member logits))`` (vmoe's ensemble evaluation); :meth:`forward_members`
     returns the (B * M, classes) member logits.
 
+    Every keyword argument of timm's ``VisionTransformer`` is accepted with timm's default
+    (``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ..., ``dynamic_img_size``,
+    ``reg_tokens``, ``init_values``, ``qk_norm``, ``drop_path_rate``; ``fc_norm``: None puts the
+    final norm after pooling for ``global_pool="avg"``, False on every token before pooling, as
+    vmoe's ``encoder_norm``), except ``act_layer``: the activation is ``activation``. Each MoE
+    layer's experts are as wide as the block's MLP.
+
     Args (beyond timm's ViT):
-        fc_norm: timm's final-norm placement; None: after pooling for ``global_pool="avg"``,
-            False: on every token before pooling (vmoe's ``encoder_norm``).
         activation: MLP and expert activation, one of :data:`ACTIVATIONS`; "gelu" is timm's exact
             GELU, "gelu_tanh" the tanh approximation of vmoe's (flax's) ``gelu``.
         representation_size: vmoe's ``pre_logits`` layer width (Linear + tanh before the head).
@@ -88,7 +96,7 @@ class VisionTransformerMoE(_ClassifierViT):
         num_experts, k, noise_std, capacity_factor, eval_capacity_factor, batch_priority,
             capacity_multiple_of: the :class:`~moezoo.routers.BatchPrioritizedRouter` settings.
         group_images: images per routing group (default 8): groups of images x tokens per image
-            (x M with E^3) tokens.
+            (x M with E^3) tokens, following the input size (see :class:`VisionMoE`).
         group_size: routing groups counted in tokens instead (vmoe's ``group_size``, any size;
             with E^3 it counts the members' copies); give it or ``group_images``, not both.
         ensemble_size: M, the E^3 members (1: V-MoE).
@@ -103,21 +111,6 @@ class VisionTransformerMoE(_ClassifierViT):
 
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        class_token: bool = True,
-        global_pool: str = "token",
-        fc_norm: bool | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
         *,
         activation: str = "gelu",
         representation_size: int | None = None,
@@ -138,26 +131,9 @@ class VisionTransformerMoE(_ClassifierViT):
         router: RouterFactory | None = None,
         aux_loss_weights: Mapping[str, float] | None = None,
         backend: str = "auto",
+        **timm_kwargs,
     ) -> None:
-        super().__init__(
-            activation=activation,
-            representation_size=representation_size,
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            class_token=class_token,
-            global_pool=global_pool,
-            fc_norm=fc_norm,
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-        )
+        super().__init__(activation=activation, representation_size=representation_size, **timm_kwargs)
         for name, value in (("group_images", group_images), ("group_size", group_size)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
@@ -166,13 +142,16 @@ class VisionTransformerMoE(_ClassifierViT):
         if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
             raise ValueError(f"ensemble_size must be an int >= 1, got {ensemble_size!r}")
         self.ensemble_size = ensemble_size
-        self.tokens_per_image = self.patch_embed.num_patches + self.num_prefix_tokens
-        self.moe_indices = moe_block_indices(depth, moe_blocks)
+        self.moe_indices = moe_block_indices(len(self.blocks), moe_blocks)
         if ensemble_size > 1 and not self.moe_indices:
             raise ValueError(f"ensemble_size={ensemble_size} needs at least one MoE block, got moe_blocks={moe_blocks!r}")
-        if group_size is None:
-            group_size = (group_images or 8) * self.tokens_per_image * ensemble_size
-        hidden = int(embed_dim * mlp_ratio)
+        # Groups counted in images follow the input size (set_input_size, dynamic_img_size): the
+        # layers recompute their router's group size in tokens from every input.
+        if router is None and group_size is None:
+            group_images = group_images or 8
+            group_size = group_images * self.tokens_per_image * ensemble_size
+        else:
+            group_images = None
         if router is None:
             router = bpr_router_factory(
                 k,
@@ -185,13 +164,14 @@ class VisionTransformerMoE(_ClassifierViT):
                 ensemble_size=ensemble_size,
             )
         weights = VMOE_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights
-        layer = MoE if ensemble_size == 1 else partial(_MemberInterleavedMoE, ensemble_size=ensemble_size)
         for i in self.moe_indices:
-            moe = layer(
-                embed_dim,
-                hidden,
+            moe = VisionMoE(
+                self.embed_dim,
+                self.blocks[i].mlp.fc1.out_features,
                 num_experts,
                 router,
+                group_images=group_images,
+                ensemble_size=ensemble_size,
                 activation=activation,
                 bias=True,
                 dropout=expert_dropout,
@@ -203,7 +183,12 @@ class VisionTransformerMoE(_ClassifierViT):
             _init_vmoe(moe, identical_init)
             self.blocks[i].mlp = moe
 
-    def moe_layers(self) -> list[MoE]:
+    @property
+    def tokens_per_image(self) -> int:
+        """Tokens of one image at the model's input size (patches + prefix tokens)."""
+        return self.patch_embed.num_patches + self.num_prefix_tokens
+
+    def moe_layers(self) -> list[VisionMoE]:
         """The MoE layers, in block order."""
         return [self.blocks[i].mlp for i in self.moe_indices]
 
@@ -211,14 +196,23 @@ class VisionTransformerMoE(_ClassifierViT):
         """x: (B, C, H, W) -> (B * M, tokens, width) normalised tokens (M = ``ensemble_size``)."""
         if self.ensemble_size == 1:
             return super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise ValueError("an E^3 model (ensemble_size > 1) takes no attention mask")
+        _refuse_mask(attn_mask, is_causal)
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
         for i, block in enumerate(self.blocks):
             if i == self.moe_indices[0]:
                 x = x.repeat_interleave(self.ensemble_size, dim=0)
             x = block(x)
         return self.norm(x)
+
+    def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        """timm's ``forward_intermediates`` (and ``features_only``); not for E^3, whose blocks after the
+        first MoE block see M copies of every image."""
+        if self.ensemble_size > 1:
+            raise NotImplementedError(
+                f"forward_intermediates is not available for an E^3 model (ensemble_size={self.ensemble_size}): "
+                "use forward_features, which returns every member's tokens"
+            )
+        return super().forward_intermediates(x, *args, **kwargs)
 
     def forward_members(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) -> (B * M, classes): each member's logits, image-major (image b, member
@@ -229,27 +223,43 @@ class VisionTransformerMoE(_ClassifierViT):
         """x: (B, C, H, W) -> (B, classes): logits, or with E^3 the ensemble's log-probabilities."""
         if self.ensemble_size == 1:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        if attn_mask is not None or is_causal:
-            raise ValueError("an E^3 model (ensemble_size > 1) takes no attention mask")
+        _refuse_mask(attn_mask, is_causal)
         members = self.forward_members(x)
         log_probs = torch.log_softmax(members.float(), dim=-1).view(-1, self.ensemble_size, members.shape[-1])
         return (torch.logsumexp(log_probs, dim=1) - math.log(self.ensemble_size)).to(members.dtype)
 
 
-class _MemberInterleavedMoE(MoE):
-    """E^3's MoE layer: ``forward(x: (B * M, tokens, dim)) -> same shape``, with rows image-major.
+def _refuse_mask(attn_mask: Tensor | None, is_causal: bool) -> None:
+    # torch.fx traces with a placeholder for every argument: only a real mask or True is refused.
+    if isinstance(attn_mask, Tensor) or is_causal is True:
+        raise ValueError("an E^3 model (ensemble_size > 1) takes no attention mask")
 
-    The router sees the tokens in vmoe's order (image, token, member), so token i of a routing
-    group belongs to member ``i % M`` as :class:`~moezoo.routers.BatchPrioritizedRouter` expects,
-    and position order (vanilla routing, BPR ties) is the reference's.
+
+class VisionMoE(MoE):
+    """V-MoE's MoE layer in a ViT block: ``forward(x: (B * M, tokens, dim)) -> same shape``.
+
+    With ``group_images`` set, the router's groups are that many images of the input at hand:
+    its ``group_size`` becomes ``group_images * tokens * M`` at every forward, so that a group never
+    straddles images whatever the input size (``set_input_size``, ``dynamic_img_size``).
+
+    With ``ensemble_size`` M > 1 (E^3) the rows are image-major copies of each image, one per
+    member; the router sees the tokens in vmoe's order (image, token, member), so token i of a
+    routing group belongs to member ``i % M`` as :class:`~moezoo.routers.BatchPrioritizedRouter`
+    expects, and position order (vanilla routing, BPR ties) is the reference's.
     """
 
-    def __init__(self, *args, ensemble_size: int, **kwargs) -> None:
+    def __init__(self, *args, group_images: int | None = None, ensemble_size: int = 1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.group_images = group_images
         self.ensemble_size = ensemble_size
 
     def forward(self, x: Tensor) -> Tensor:
+        """x: (B * M, tokens, dim) -> same shape."""
         rows, tokens, dim = x.shape
+        if self.group_images is not None:
+            self.router.group_size = self.group_images * tokens * self.ensemble_size
+        if self.ensemble_size == 1:
+            return super().forward(x)
         interleaved = x.view(rows // self.ensemble_size, self.ensemble_size, tokens, dim).transpose(1, 2)
         return super().forward(interleaved).transpose(1, 2).reshape(rows, tokens, dim)
 
@@ -262,7 +272,12 @@ class SoftMoEVisionTransformer(_ClassifierViT):
     last ``moe_blocks`` blocks (default: the last half) become :class:`SoftMoE` layers, routed per
     image.
 
+    Every keyword argument of timm's ``VisionTransformer`` is accepted, as for
+    :class:`VisionTransformerMoE`; ``class_token`` is False and ``global_pool`` "avg" (anything
+    else raises), and the defaults of ``qk_norm`` and ``fc_norm`` are the reference's.
+
     Args (beyond timm's ViT):
+        qk_norm: QK-normalised attention (default True, the reference).
         fc_norm: False (default, the reference): LayerNorm on every token, then pool; True: timm's
             average-pool head (pool, then LayerNorm).
         activation, representation_size: as :class:`VisionTransformerMoE`.
@@ -277,21 +292,9 @@ class SoftMoEVisionTransformer(_ClassifierViT):
 
     def __init__(
         self,
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        embed_dim: int = 768,
-        depth: int = 12,
-        num_heads: int = 12,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
+        *,
         qk_norm: bool = True,
         fc_norm: bool = False,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        *,
         activation: str = "gelu",
         representation_size: int | None = None,
         moe_blocks: str | list[int] | None = None,
@@ -300,38 +303,32 @@ class SoftMoEVisionTransformer(_ClassifierViT):
         expert_dropout: float = 0.0,
         bfloat16_dispatch: bool = False,
         backend: str = "auto",
+        **timm_kwargs,
     ) -> None:
-        super().__init__(
-            activation=activation,
-            representation_size=representation_size,
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            embed_dim=embed_dim,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
-            class_token=False,
-            global_pool="avg",
-            fc_norm=bool(fc_norm),
-            drop_rate=drop_rate,
-            attn_drop_rate=attn_drop_rate,
-            drop_path_rate=drop_path_rate,
-        )
+        for name, fixed in (("class_token", False), ("global_pool", "avg")):
+            if timm_kwargs.get(name, fixed) != fixed:
+                raise ValueError(f"SoftMoEVisionTransformer: {name} must be {fixed!r} (Soft MoE mixes all tokens of an "
+                                 f"image and pools them), got {timm_kwargs[name]!r}")
+        timm_kwargs.update(class_token=False, global_pool="avg")
+        super().__init__(activation=activation, representation_size=representation_size, qk_norm=qk_norm,
+                         fc_norm=bool(fc_norm), **timm_kwargs)
+        depth = len(self.blocks)
         self.moe_indices = moe_block_indices(depth, moe_blocks or f"final_{max(depth // 2, 1)}")
-        hidden = int(embed_dim * mlp_ratio)
         for i in self.moe_indices:
             self.blocks[i].mlp = SoftMoE(
-                embed_dim, hidden, num_experts, slots_per_expert, activation=activation, dropout=expert_dropout,
+                self.embed_dim, self.blocks[i].mlp.fc1.out_features, num_experts, slots_per_expert, activation=activation, dropout=expert_dropout,
                 backend=backend, bfloat16_dispatch=bfloat16_dispatch,
             )
 
     def moe_layers(self) -> list[SoftMoE]:
         """The Soft MoE layers, in block order."""
         return [self.blocks[i].mlp for i in self.moe_indices]
+
+
+# torch.fx cannot trace routing (data-dependent shapes): timm's FX feature extraction
+# (features_only with feature_cls="fx", timm's FX tests) keeps the routed layers as leaf modules.
+for _layer in (MoE, VisionMoE, SoftMoE):
+    register_notrace_module(_layer)
 
 
 @torch.no_grad()

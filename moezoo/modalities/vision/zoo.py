@@ -2,11 +2,46 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from timm.models.vision_transformer import VisionTransformer
 
 from moezoo.modalities.vision.model import SoftMoEVisionTransformer, VisionTransformerMoE
+from moezoo.modalities.vision.timm_models import (
+    hub_config,
+    pretrained_filter,
+    register_with_timm,
+    timm_cfg,
+    vision_features,
+)
 from moezoo.modalities.vision.vmoe_checkpoint import GCS_HTTPS
-from moezoo.zoo.registry import PretrainedCfg, register_model, shipped_weights
+from moezoo.zoo.registry import ModelEntry, PretrainedCfg, shipped_weights
+from moezoo.zoo.registry import register_model as _register_model
+
+#: Every vision entry, in registration order (each is also a timm model, see timm_models).
+ENTRIES: list[ModelEntry] = []
+
+
+def register_model(name: str, builder, *, pretrained_cfg: PretrainedCfg | None = None, **kwargs: Any) -> ModelEntry:
+    """:func:`moezoo.zoo.registry.register_model` with timm's conventions: the entry's timm
+    ``pretrained_cfg`` (from its arguments and input spec), the pretrained filter, ``features_only``
+    and timm's hub config."""
+    spec = pretrained_cfg.input_spec if pretrained_cfg is not None else None
+    args = {k: v for k, v in kwargs.items() if k not in ("modality", "description", "evaluate", "card")}
+    entry = _register_model(
+        name, builder, pretrained_cfg=pretrained_cfg, timm_cfg=timm_cfg(args, _timm_input(spec)),
+        pretrained_filter=pretrained_filter, feature_wrapper=vision_features, hf_config=hub_config, **kwargs,
+    )
+    ENTRIES.append(entry)
+    return entry
+
+
+def _timm_input(spec: dict | None) -> dict | None:
+    """An input spec in timm's names (``image_size`` is the entry's own ``img_size``)."""
+    if spec is None:
+        return None
+    keys = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+    return {k: spec[k] for k in keys if k in spec}
 
 #: V-MoE backbone sizes (MODELS.md §1a; note V-MoE "S" has 8 layers).
 VMOE_SIZES = {
@@ -38,7 +73,8 @@ register_model(
     pretrained_cfg=shipped_weights(
         "vmoe_ti_digits",
         license="apache-2.0",
-        input_spec={"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]"},
+        input_spec={"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]",
+                    "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"},
         card="model_cards/vmoe_ti_digits.md",
     ),
     evaluate="moezoo.modalities.vision.evaluate:evaluate_digits",
@@ -81,7 +117,8 @@ register_model(
     pretrained_cfg=shipped_weights(
         "vit_ti_digits",
         license="apache-2.0",
-        input_spec={"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]"},
+        input_spec={"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]",
+                    "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"},
         card="model_cards/vit_ti_digits.md",
     ),
     evaluate="moezoo.modalities.vision.evaluate:evaluate_digits",
@@ -243,3 +280,5 @@ register_model(
     description="Soft MoE ViT of any architecture (the constructor's defaults otherwise): what `moezoo zoo "
                 "convert vmoe` exports for a Soft MoE checkpoint",
 )
+
+register_with_timm(ENTRIES)
