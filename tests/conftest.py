@@ -67,3 +67,35 @@ def naive_expert_mlp(x, token, expert, weight, w_in, w_out, activation="gelu", b
     for t, y in rows:
         out = out.index_add(0, torch.tensor([t]), y.unsqueeze(0).to(out.dtype))
     return out
+
+
+def digits_test_split(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits test split as the model cards describe it, built here from scikit-learn itself:
+    stratified 70/15/15 with seed 0 (the last 15 %, 270 images), pixels 0..16 scaled to [-1, 1],
+    bilinear resize to ``image_size``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    index = np.arange(len(digits.target))
+    _, rest = train_test_split(index, test_size=0.3, stratify=digits.target, random_state=0)
+    _, test = train_test_split(rest, test_size=0.5, stratify=digits.target[rest], random_state=0)
+    images = torch.tensor(digits.images[test], dtype=torch.float32)[:, None] / 8.0 - 1.0
+    images = torch.nn.functional.interpolate(images, size=(image_size, image_size), mode="bilinear",
+                                             align_corners=False)
+    return images, torch.tensor(digits.target[test])
+
+
+@torch.no_grad()
+def evaluate_digits_by_hand(model, images, labels, batch_size: int = 64) -> tuple[int, float, int]:
+    """(correct, mean cross-entropy, examples) of a classifier by a plain loop: batches of
+    ``batch_size`` in order (the cards' protocol: capacity drops depend on batch composition),
+    argmax against the labels, and -log softmax of the true class in float64."""
+    model.eval()
+    correct, nll = 0, 0.0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start : start + batch_size]).double()
+        target = labels[start : start + batch_size]
+        correct += int((logits.argmax(-1) == target).sum())
+        nll += float((torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None])[:, 0]).sum())
+    return correct, nll / len(labels), len(labels)

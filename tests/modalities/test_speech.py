@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from moezoo.cli import main
 from moezoo.layers import aux_loss, parameter_counts
 from moezoo.modalities.speech import (
     KEYWORDS,
@@ -29,6 +29,7 @@ from moezoo.modalities.speech.data import RenderSettings, _voice_split, render_e
 from moezoo.modalities.speech.espeak import voice_variants
 from moezoo.modalities.speech.model import stack_frames
 from moezoo.routers.losses import mean_importance_loss, sparsity_l1_loss
+from tests.cli_fit import assert_two_warmup_steps, train_losses, two_step_fit
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(input_dim=8, vocab_size=29, dim=16, depth=2, hidden=24, num_experts=4, stack=2, embed_dim=6,
@@ -283,14 +284,24 @@ def test_librispeech_and_speechcommands_layouts_on_disk(tmp_path):
 
 
 SPEECH_FAST = ["--data.init_args.num_train", "64", "--data.init_args.num_val", "16", "--data.init_args.num_test", "16",
-               "--data.init_args.batch_size", "8", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-               "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false",
-               "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+               "--data.init_args.batch_size", "8"]
 
 
-@pytest.mark.parametrize("config", ["speechmoe_tiny_espeak", "speechmoe2_tiny_espeak"])
-def test_two_step_cli_fit(config, tmp_path):
+# What SpeechMoE2's objective adds to CTC + 0.01 * embedding CTC at the start: global_weight 0.1 times
+# the cross-entropies of its untrained, nearly uniform domain (2 classes) and accent (8 classes)
+# classifiers, ln 2 + ln 8; SpeechMoE has no global classifiers.
+@pytest.mark.parametrize("config, global_terms, tolerance", [
+    ("speechmoe_tiny_espeak", 0.0, 1e-3),
+    ("speechmoe2_tiny_espeak", 0.1 * math.log(16), 0.06),  # 8 utterances a batch: not exactly uniform
+])
+def test_two_step_cli_fit(config, global_terms, tolerance, tmp_path):
     pytest.importorskip("espeakng_loader")
-    assert main(["fit", "--config", str(ROOT / f"configs/speech/{config}.yaml"), "--trainer.default_root_dir",
-                 str(tmp_path), "--data.init_args.cache_dir", str(tmp_path / "cache"), *SPEECH_FAST]) == 0
+    checkpoint, rows = two_step_fit(f"speech/{config}", tmp_path, "--data.init_args.cache_dir", str(tmp_path / "cache"),
+                                    *SPEECH_FAST)
+    assert_two_warmup_steps(checkpoint, lr=0.002, warmup_steps=100)  # the configs' lr and warmup_steps
+    losses = [train_losses(rows, f"train/{key}_step") for key in ("loss", "ctc", "embedding_ctc")]
+    assert len(losses[0]) == 2
+    for total, ctc, embedding_ctc in zip(*losses):
+        # the configs' weights: ctc_weight 1.0, embedding_ctc_weight 0.01
+        assert total - (ctc + 0.01 * embedding_ctc) == pytest.approx(global_terms, abs=tolerance)
     assert len(list((tmp_path / "cache").glob("espeak-*/train/audio.npy"))) == 1  # rendered once, cached

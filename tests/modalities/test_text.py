@@ -11,16 +11,14 @@ import pytest
 import torch
 
 import moezoo
-from moezoo.cli import main
 from moezoo.layers import MoE, aux_loss, routed_layers
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.switchhead import SwitchHeadAttention
 from moezoo.modalities.text import LanguageModeling, TextDataModule, TransformerLM, lm_loss, load_tokenizer
 from moezoo.modalities.text.evaluate import evaluate_lm, forward_macs
+from tests.cli_fit import assert_two_warmup_steps, train_losses, two_step_fit
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
-        "--trainer.enable_checkpointing", "false", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
 SMALL = dict(vocab_size=256, dim=32, depth=2, context_length=16)
 
 
@@ -145,13 +143,42 @@ def test_task_logs_perplexity_and_bits_per_byte():
 
 @pytest.mark.parametrize("config", ["lm_moa_pydoc", "lm_switchhead_pydoc", "lm_sigma_moe_pydoc"])
 def test_two_step_cli_fit(config, tmp_path):
-    main(["fit", "--config", str(ROOT / f"configs/text/{config}.yaml"), "--trainer.default_root_dir", str(tmp_path),
-          "--data.init_args.batch_size", "2", *FAST])
+    checkpoint, rows = two_step_fit(f"text/{config}", tmp_path, "--data.init_args.batch_size", "2")
+    assert_two_warmup_steps(checkpoint, lr=0.002, warmup_steps=50)  # the configs' lr and warmup_steps
+    # An untrained byte-level LM predicts nearly uniformly over 256 bytes: a first loss near ln 256.
+    first, _ = train_losses(rows)
+    assert abs(first - math.log(256)) < 0.5
+    (val,) = [row for row in rows if "val/loss" in row]  # one validation batch of byte windows
+    assert val["val/ppl"] == pytest.approx(math.exp(val["val/loss"]), rel=1e-5)
+    assert val["val/bpb"] == pytest.approx(val["val/loss"] / math.log(2), rel=1e-5)  # 1 byte per token
+
+
+def _pydoc_validation_windows(length: int = 129) -> torch.Tensor:
+    """The cards' validation split built from CPython's pydoc_data.topics directly: topics sorted by
+    name, every 10th from the 4th, joined by a blank line, UTF-8 bytes cut into consecutive windows of
+    ``length`` (the model reads length - 1 bytes and predicts the next byte at each)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    text = "\n\n".join(topics[n] for i, n in enumerate(names) if i % 10 == 3)
+    ids = torch.tensor(list(text.encode("utf-8")))
+    count = ids.numel() // length
+    return ids[: count * length].view(count, length)
 
 
 @pytest.mark.parametrize("name", moezoo.list_models("lm_*_pydoc", pretrained=True))
 def test_shipped_entries_reproduce_their_cards(name):
-    record = json.loads((ROOT / "model_cards" / "results" / f"{name}.json").read_text())
-    model = moezoo.create_model(name, pretrained=True)
-    result = moezoo.zoo.registry.get_entry(name).evaluator()(model)
-    assert result["perplexity"] == pytest.approx(record["metrics"]["perplexity"], rel=1e-5)
+    """The recorded loss, perplexity and bits per byte, recomputed by a plain loop over the logits (float64
+    log-softmax of the true next byte), without moezoo's data module, lm_loss or evaluator."""
+    record = json.loads((ROOT / "model_cards" / "results" / f"{name}.json").read_text())["metrics"]
+    model = moezoo.create_model(name, pretrained=True).eval()
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in _pydoc_validation_windows().split(16):
+            log_probs = torch.log_softmax(model(batch[:, :-1]).double(), dim=-1)
+            nll -= float(log_probs.gather(-1, batch[:, 1:, None]).sum())
+            tokens += batch[:, 1:].numel()
+    assert record["tokens"] == tokens
+    assert record["loss"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert record["perplexity"] == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert record["bits_per_byte"] == pytest.approx(nll / tokens / math.log(2), rel=1e-5)

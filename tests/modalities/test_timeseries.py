@@ -498,7 +498,8 @@ def test_hub_entry_sizes_are_the_papers(name, total, active):
     with torch.device("meta"):  # shapes only: no memory, no init cost
         model = entry.builder(**entry.default_args)
     counts = parameter_counts(model)
-    # MODELS.md §5c (paper: 113M total / 50M active, 453M / 200M).
+    # Time-MoE (arXiv 2409.16040), its table of model configurations: Time-MoE_base 113M total / 50M
+    # activated, Time-MoE_large 453M / 200M.
     assert counts["total"] == pytest.approx(total, rel=1e-3) and counts["active"] == pytest.approx(active, rel=1e-3)
 
 
@@ -514,11 +515,20 @@ def test_shipped_tiny_entry_reproduces_its_card():
 
 
 def test_two_step_fit_through_the_cli(tmp_path):
-    from moezoo.cli import main
+    from tests.cli_fit import assert_two_warmup_steps, train_losses, two_step_fit
 
-    main(["fit", "--config", str(ROOT / "configs/timeseries/time_moe_tiny.yaml"),
-          "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
-          "--trainer.num_sanity_val_steps", "0", "--trainer.enable_checkpointing", "false", "--trainer.logger", "false",
-          "--trainer.enable_progress_bar", "false",
-          "--data.init_args.num_series", "8", "--data.init_args.series_length", "80", "--data.init_args.max_length", "32",
-          "--data.init_args.val_series", "2", "--data.init_args.batch_size", "4"])
+    checkpoint, rows = two_step_fit(
+        "timeseries/time_moe_tiny", tmp_path, "--data.init_args.num_series", "8",
+        "--data.init_args.series_length", "80", "--data.init_args.max_length", "32", "--data.init_args.val_series", "2",
+        "--data.init_args.batch_size", "4")
+    assert_two_warmup_steps(checkpoint, lr=0.01, warmup_steps=50)  # the config's lr and warmup_steps
+    losses = [train_losses(rows, f"train/{key}_step") for key in ("loss", "ar_loss", "balance_loss")]
+    assert len(losses[0]) == 2
+    for total, ar, balance in zip(*losses):
+        # The reference objective (Time-MoE/Time-MoE time_moe/models/modeling_time_moe.py,
+        # TimeMoeForPrediction.forward: loss += router_aux_loss_factor * temporal_aux_loss), with the
+        # factor 0.02 of the public checkpoints' config.json.
+        assert total == pytest.approx(ar + 0.02 * balance, rel=1e-5)
+        # E * sum_j sum_e f_je * P_e is k = 2 when P_e = 1/E, and the untrained router (weights
+        # N(0, 0.02)) is almost uniform.
+        assert balance == pytest.approx(2.0, abs=0.1)

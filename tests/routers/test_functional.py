@@ -20,7 +20,8 @@ def dense(token, expert, weight, shape):
 # -- top_k_assign -----------------------------------------------------------------------------
 
 def test_top_k_assign_golden_vmoe_table():
-    """vmoe moe_test.py: S=3, E=3, k=2, capacity 2, by hand in MODELS.md §1b."""
+    """google-research/vmoe ``vmoe/moe_test.py`` (test_top_experts_per_item_expert_indices): S=3, E=3,
+    k=2, capacity 2; the expected (expert, buffer) per (token, choice) are that test's."""
     gates = torch.tensor([[0.4, 0.0, 0.2], [0.5, 0.1, 0.4], [0.3, 0.2, 0.6]])
     tok, exp, w = RF.top_k_assign(gates, 2, capacity=2)
     kept = sorted(zip(tok.tolist(), exp.tolist()))
@@ -28,8 +29,8 @@ def test_top_k_assign_golden_vmoe_table():
     assert kept == [(0, 0), (0, 2), (1, 0), (2, 2)]
     tok, exp, w = RF.top_k_assign(gates, 2, capacity=2, batch_priority=True)
     kept = sorted(zip(tok.tolist(), exp.tolist()))
-    # BPR: t1 first (0.5), then t2 (0.6)? no: priority is the top-1 gate: t2 .6, t1 .5, t0 .4
-    # -> t2 (2,0); t1 (0,0); t0 (0,1); second choices: t2->0 (buf 2, drop), t1->2 (1), t0->2 (drop)
+    # BPR: tokens claim places in order of their top-1 gate, t2 .6, t1 .5, t0 .4 -> first choices t2 (2,0),
+    # t1 (0,0), t0 (0,1); second choices t2 -> 0 (buffer 2, dropped), t1 -> 2 (1), t0 -> 2 (2, dropped)
     assert kept == [(0, 0), (1, 0), (1, 2), (2, 2)]
     assert torch.allclose(dense(tok, exp, w, (3, 3)).float(), torch.tensor([[0.4, 0, 0], [0.5, 0, 0.4], [0, 0, 0.6]]))
 
@@ -105,7 +106,9 @@ def test_expert_capacity_matches_vmoe_table(vmoe_reference):
 
 
 def test_expert_capacity_paper_example():
-    # MODELS.md §1b: S=400, k=2, E=8, C=1.05 -> 105 -> 108 with multiple_of=4.
+    # google-research/vmoe vmoe/moe.py compute_capacity(num_tokens=group_size * k, ...) with the paper
+    # configs' groups (vmoe/configs/vmoe_paper/common.py: 8 images x 50 tokens of S/32 at 224 px = 400)
+    # and C = 1.05: ceil(400 * 2 * 1.05 / 8) = 105, rounded up to a multiple of 4 -> 108.
     assert RF.expert_capacity(400, 8, 2, 1.05, multiple_of=4) == 108
 
 
