@@ -24,6 +24,7 @@ from moezoo.routers import (
     BalancedAssignmentRouter,
     BatchPrioritizedRouter,
     ExpertChoiceRouter,
+    GroupLimitedRouter,
     HashRouter,
     MoARouter,
     Router,
@@ -31,11 +32,13 @@ from moezoo.routers import (
     SigmaMoERouter,
     SigmoidRouter,
     SinkhornRouter,
+    SparseMixerRouter,
     SpeechMoERouter,
     SwitchHeadSelector,
     TopKRouter,
 )
 from moezoo.zoo import PretrainedCfg, create_model, list_models, load_checkpoint, register_model, save_checkpoint
+from moezoo.zoo.hf import from_transformers
 from moezoo.zoo.registry import get_pretrained_cfg, is_model, list_pretrained, push_to_hub
 
 # The vision entries become timm models (timm.create_model("vmoe_ti_digits"), timm.list_models, ...).
@@ -48,6 +51,7 @@ __all__ = [
     "BalancedAssignmentRouter",
     "BatchPrioritizedRouter",
     "ExpertChoiceRouter",
+    "GroupLimitedRouter",
     "HashRouter",
     "MixtureOfAttentionHeads",
     "MoARouter",
@@ -60,6 +64,7 @@ __all__ = [
     "SigmoidRouter",
     "SinkhornRouter",
     "SoftMoE",
+    "SparseMixerRouter",
     "SpeechMoERouter",
     "SwitchHeadAttention",
     "SwitchHeadSelector",
@@ -67,6 +72,7 @@ __all__ = [
     "aux_loss",
     "create_model",
     "expert_mlp",
+    "from_transformers",
     "get_pretrained_cfg",
     "is_model",
     "kernels",

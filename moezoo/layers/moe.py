@@ -147,5 +147,5 @@ class MoE(RoutedLayer):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(flat)) * shared
             out = out + shared
-        self.record(routing.losses, routing.stats)
+        self.record(routing.losses, routing.stats, routing.logits)
         return out.view(x.shape)

@@ -8,9 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from moezoo.layers.experts import ExpertBank
+from moezoo.routers import losses as L
 from moezoo.routers.base import Router
 
 __all__ = [
+    "POOLED_LOAD_BALANCING",
     "KeepsLastForward",
     "RoutedLayer",
     "aux_loss",
@@ -20,6 +22,12 @@ __all__ = [
     "routing_stats",
     "update_routers",
 ]
+
+
+#: The name of the balancing loss pooled over layers (transformers' ``load_balancing_loss_func``,
+#: :func:`moezoo.routers.losses.pooled_load_balancing_loss`): a coefficient under this name makes
+#: :func:`aux_loss` add it over the routers' logits of every layer that has that coefficient.
+POOLED_LOAD_BALANCING = "pooled_load_balancing"
 
 
 def _detached(value):
@@ -44,7 +52,8 @@ class KeepsLastForward(nn.Module):
 
 
 class RoutedLayer(KeepsLastForward):
-    """Base of layers that route (MoE, MoE attention): keeps the last forward's losses and stats.
+    """Base of layers that route (MoE, MoE attention): keeps the last forward's losses, stats and
+    router logits.
 
     The losses keep their autograd graph (:func:`aux_loss` adds them to the objective); a copy of
     the layer holds them detached (see :class:`KeepsLastForward`).
@@ -62,6 +71,7 @@ class RoutedLayer(KeepsLastForward):
                 raise ValueError(f"aux_loss_weights[{name!r}] must be a number >= 0, got {value!r}")
         self.last_losses: dict[str, Tensor] = {}
         self.last_stats: dict[str, Tensor] = {}
+        self.last_logits: Tensor | None = None
 
     def __prepare_scriptable__(self) -> RoutedLayer:
         # torch.jit.script calls this on every submodule before compiling: fail with the reason and
@@ -73,9 +83,12 @@ class RoutedLayer(KeepsLastForward):
             "(timm.layers.register_notrace_module)."
         )
 
-    def record(self, losses: Mapping[str, Tensor], stats: Mapping[str, Tensor]) -> None:
+    def record(self, losses: Mapping[str, Tensor], stats: Mapping[str, Tensor], logits: Tensor | None = None) -> None:
+        """Keep a forward's unweighted losses, its stats (detached) and its (tokens, E) router
+        logits (differentiable, for losses pooled over layers)."""
         self.last_losses = dict(losses)
         self.last_stats = {k: v.detach() for k, v in stats.items()}
+        self.last_logits = logits
 
     def expert_parameters(self) -> list[tuple[nn.Parameter, float]]:
         """(parameter, share of it active per token) for the layer's routed expert weights.
@@ -100,7 +113,9 @@ def routed_layers(model: nn.Module) -> list[tuple[str, RoutedLayer]]:
 
 
 def aux_loss(model: nn.Module, weights: Mapping[str, float] | None = None) -> Tensor:
-    """Sum over routed layers of ``weight[name] * loss[name]`` from each layer's last forward.
+    """Sum over routed layers of ``weight[name] * loss[name]`` from each layer's last forward, plus
+    ``weight * pooled_load_balancing_loss`` over the layers with a :data:`POOLED_LOAD_BALANCING`
+    coefficient (pooled per coefficient, expert count and k).
 
     Args:
         model: any module containing routed layers.
@@ -111,6 +126,7 @@ def aux_loss(model: nn.Module, weights: Mapping[str, float] | None = None) -> Te
         0-dim tensor (0.0 if there is nothing to add).
     """
     total: Tensor | None = None
+    pooled: dict[tuple[float, int, int], list[Tensor]] = {}
     for _, layer in routed_layers(model):
         coefficients = layer.aux_loss_weights if weights is None else weights
         for name, value in layer.last_losses.items():
@@ -118,6 +134,12 @@ def aux_loss(model: nn.Module, weights: Mapping[str, float] | None = None) -> Te
             if c:
                 term = c * value
                 total = term if total is None else total + term
+        c, k = coefficients.get(POOLED_LOAD_BALANCING, 0.0), getattr(getattr(layer, "router", None), "k", None)
+        if c and k is not None and layer.last_logits is not None:
+            pooled.setdefault((c, layer.last_logits.shape[-1], k), []).append(layer.last_logits)
+    for (c, _, k), logits in pooled.items():
+        term = c * L.pooled_load_balancing_loss(logits, k)
+        total = term if total is None else total + term
     if total is None:
         param = next(model.parameters(), None)
         return torch.zeros((), device=param.device if param is not None else None)

@@ -5,12 +5,14 @@ from moezoo.routers.balanced import BalancedAssignmentRouter
 from moezoo.routers.base import Router, set_routing
 from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, BatchPrioritizedRouter, bpr_router_factory
 from moezoo.routers.expert_choice import ExpertChoiceRouter
+from moezoo.routers.group_limited import GroupLimitedRouter
 from moezoo.routers.hash import HashRouter
 from moezoo.routers.moa import MoARouter
 from moezoo.routers.routing import Routing
 from moezoo.routers.sigma_moe import SigmaMoERouter
 from moezoo.routers.sigmoid import SigmoidRouter
 from moezoo.routers.sinkhorn import SinkhornRouter
+from moezoo.routers.sparse_mixer import SparseMixerRouter
 from moezoo.routers.speech_moe import SpeechMoERouter
 from moezoo.routers.switchhead import SwitchHeadSelector
 from moezoo.routers.top_k import TopKRouter
@@ -19,6 +21,7 @@ __all__ = [
     "BalancedAssignmentRouter",
     "BatchPrioritizedRouter",
     "ExpertChoiceRouter",
+    "GroupLimitedRouter",
     "HashRouter",
     "MoARouter",
     "Router",
@@ -26,6 +29,7 @@ __all__ = [
     "SigmaMoERouter",
     "SigmoidRouter",
     "SinkhornRouter",
+    "SparseMixerRouter",
     "SpeechMoERouter",
     "SwitchHeadSelector",
     "TopKRouter",

@@ -18,9 +18,11 @@ __all__ = [
     "bincount",
     "expert_capacity",
     "expert_choice_assign",
+    "group_limited_mask",
     "sigmoid_top_k",
     "sinkhorn",
     "soft_moe_weights",
+    "sparse_mixer",
     "top_k",
     "top_k_assign",
 ]
@@ -87,14 +89,16 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def sigmoid_top_k(scores: Tensor, k: int, *, selection_bias: Tensor | None = None, dropout: float = 0.0,
-                  dropped: str = "zero") -> tuple[Tensor, Tensor, Tensor]:
+                  dropped: str = "zero", allowed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Non-competitive top-k on sigmoid scores (σ-MoE, SwitchHead, DeepSeek-V3): each token takes
     the k experts with the highest ``scores + selection_bias``; the weights are the scores.
 
     Args:
-        scores: (tokens, experts) ``sigmoid(logits)``.
+        scores: (tokens, experts) ``sigmoid(logits)`` (or any scores, e.g. DeepSeek-V2's softmax).
         k: experts per token.
         selection_bias: optional (experts,) added for the choice only (loss-free balancing).
+        allowed: optional (tokens, experts) bool mask of the experts a token may choose
+            (:func:`group_limited_mask`); it must allow at least k per token.
         dropout: probability of dropping each (token, expert) before the top-k (pass 0 outside
             training).
         dropped: what a dropped pair is: ``"zero"``, its score is 0 in the choice and in the weight
@@ -116,8 +120,116 @@ def sigmoid_top_k(scores: Tensor, k: int, *, selection_bias: Tensor | None = Non
             select = select.masked_fill(drop, float("-inf"))
     if selection_bias is not None:
         select = select + selection_bias
+    if allowed is not None:
+        select = select.masked_fill(~allowed, float("-inf"))
     token, expert, _ = top_k_assign(select, k)
     return token, expert, scores[token, expert]
+
+
+def group_limited_mask(scores: Tensor, num_groups: int, topk_group: int, *, group_top: int = 2) -> Tensor:
+    """Group-limited (node-limited) routing's choice of groups, as DeepSeek-V2/V3: the experts are
+    split into ``num_groups`` consecutive groups; each group is scored by the sum of its
+    ``group_top`` highest scores (DeepSeek-V3: 2; DeepSeek-V2: 1, the group's maximum) and each
+    token may only choose among the experts of its ``topk_group`` best groups.
+
+    Args:
+        scores: (tokens, experts) selection scores (DeepSeek-V3: ``sigmoid(logits) + bias``).
+        num_groups: groups G; must divide the experts.
+        topk_group: groups kept per token, ``1 <= topk_group <= G``.
+        group_top: scores summed per group, ``1 <= group_top <= experts / G``.
+
+    Returns:
+        (tokens, experts) bool, True for the experts of the kept groups.
+    """
+    _check_probs(scores, "scores")
+    num_tokens, num_experts = scores.shape
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups must divide the {num_experts} experts, got {num_groups}")
+    size = num_experts // num_groups
+    if not 1 <= topk_group <= num_groups:
+        raise ValueError(f"topk_group must be in [1, num_groups={num_groups}], got {topk_group}")
+    if not 1 <= group_top <= size:
+        raise ValueError(f"group_top must be in [1, experts per group={size}], got {group_top}")
+    group_scores = scores.view(num_tokens, num_groups, size).topk(group_top, dim=-1).values.sum(dim=-1)
+    best = torch.topk(group_scores, topk_group, dim=-1).indices
+    keep = torch.zeros(num_tokens, num_groups, dtype=torch.bool, device=scores.device).scatter_(1, best, True)
+    return keep.unsqueeze(-1).expand(num_tokens, num_groups, size).reshape(num_tokens, num_experts)
+
+
+class _SparseMixerMultiplier(torch.autograd.Function):
+    """SparseMixer's training multiplier: the forward gives ``weight * midpoint`` (midpoint 1 or 1/3,
+    Heun's third-order method); the backward gives the scores the gradient of the chosen expert's
+    softmax weight, ``weight * (onehot(chosen) - probs) * grad``, whatever the midpoint (GRIN, eq. 8)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, weight: Tensor, chosen: Tensor, probs: Tensor, midpoint: Tensor) -> Tensor:
+        ctx.save_for_backward(weight, chosen, probs)
+        return weight * midpoint
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight, chosen, probs = ctx.saved_tensors
+        grad = grad * weight
+        grad_scores = probs * grad.mul(-1)
+        grad_scores.scatter_add_(dim=-1, index=chosen, src=grad)
+        return grad_scores, None, None, None, None
+
+
+def _sparse_mixer_choice(scores: Tensor, candidates: Tensor, jitter_eps: float, training: bool,
+                         redraw: bool) -> tuple[Tensor, Tensor]:
+    """One SparseMixer choice among ``candidates`` (``scores`` with the experts already chosen at
+    -inf): the experts within a relative ``2 * jitter_eps`` of the best candidate stay; at evaluation
+    the best is chosen, in training one is sampled (Gumbel-max) among those that stay. Returns the
+    (tokens, 1) weight (the chosen expert's softmax over those that stay) and (tokens, 1) index."""
+    with torch.no_grad():
+        best, best_index = candidates.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=best)
+        outside = ((best - scores) / factor) > (2 * jitter_eps)
+    gates = candidates.masked_fill(outside, float("-inf"))
+    if training:
+        chosen = (gates - torch.empty_like(gates).exponential_().log()).max(dim=-1)[1].unsqueeze(-1)
+    else:
+        chosen = best_index
+    probs = torch.softmax(gates, dim=-1)
+    weight = probs.gather(dim=-1, index=chosen)
+    if not training:
+        return weight, chosen
+    top = probs.max(dim=-1, keepdim=True)[1]
+    draw = torch.rand_like(weight)
+    if redraw:  # PhiMoE draws twice for the second expert (rand_like, then uniform_): the same stream
+        draw = draw.uniform_()
+    midpoint = torch.add(0.3333, torch.logical_or(chosen == top, draw > 0.75), alpha=0.6667).type_as(probs)
+    return _SparseMixerMultiplier.apply(scores, weight, chosen, probs, midpoint), chosen
+
+
+def sparse_mixer(logits: Tensor, jitter_eps: float, training: bool) -> tuple[Tensor, Tensor]:
+    """SparseMixer-v2 top-2 gating (GRIN, Liu et al. 2024, arXiv 2409.12136), as PhiMoE's
+    ``sparsemixer`` in transformers.
+
+    The first expert is the best logit (sampled in training); the second the best once the first
+    is removed. Each weight is the softmax over the logits within a relative ``2 * jitter_eps`` of
+    that choice's best (the relative gap measured against ``max(|logit|, best)``); so the weights
+    neither sum to 1 nor are renormalised, and with a small ``jitter_eps`` they are mostly 1. In
+    training each choice is sampled with Gumbel-max among the logits that stay, its forward weight
+    is scaled by a Heun third-order midpoint (1, or 1/3 with probability 1/4 when the sample is not
+    the best) and its backward is the straight softmax gradient (:class:`_SparseMixerMultiplier`).
+    The random draws come in the same order as transformers', so a seeded run gives the same result.
+
+    Args:
+        logits: (tokens, experts) router logits.
+        jitter_eps: the relative threshold ε (PhiMoE's ``router_jitter_noise``; used at evaluation too).
+        training: sample the choices and use the training multiplier.
+
+    Returns:
+        weight: (tokens, 2) combine weights (differentiable); index: (tokens, 2) experts, first choice first.
+    """
+    _check_probs(logits, "logits")
+    if logits.shape[1] < 2:
+        raise ValueError(f"sparse_mixer chooses 2 experts, got logits for {logits.shape[1]}")
+    first_weight, first = _sparse_mixer_choice(logits, logits, jitter_eps, training, redraw=False)
+    rest = torch.scatter(logits, -1, first, float("-inf"))
+    second_weight, second = _sparse_mixer_choice(logits, rest, jitter_eps, training, redraw=True)
+    return torch.cat((first_weight, second_weight), dim=-1), torch.cat((first, second), dim=-1)
 
 
 def _rank_within_key(key: Tensor, num_keys: int) -> Tensor:

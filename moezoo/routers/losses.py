@@ -7,6 +7,7 @@ group, as V-MoE routes per group of images) and return their mean.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ __all__ = [
     "marginal_entropy_loss",
     "mean_importance_loss",
     "moa_cv_loss",
+    "pooled_load_balancing_loss",
     "sparsity_l1_loss",
     "z_loss",
 ]
@@ -114,6 +116,46 @@ def load_balancing_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
     counts = bincount(expert_index, num_experts).float()
     share = counts / counts.sum()
     return num_experts * (share * probs.mean(dim=0)).sum()
+
+
+def pooled_load_balancing_loss(logits: Sequence[Tensor], k: int, mask: Tensor | None = None) -> Tensor:
+    """transformers' ``load_balancing_loss_func`` (Mixtral, Qwen-MoE, OLMoE, PhiMoE): one Switch
+    loss ``E * sum_e f_e * P_e`` over the tokens of every layer pooled together.
+
+    Per layer ``p = softmax(logits)`` over all experts and its top ``k``; over all layers and tokens,
+    ``f_e`` is the count of e among the top-k choices divided by (layers x tokens), so the ``f_e``
+    sum to k, and ``P_e`` the mean of ``p_e``. Against :func:`load_balancing_loss` (per layer, shares
+    summing to 1): for one layer this is k times it; for several it is the product of the layer
+    means, not the mean of per-layer products.
+
+    Args:
+        logits: one (tokens, experts) router-logit tensor per layer, same experts.
+        k: experts per token.
+        mask: optional (tokens,) weights (transformers' flattened attention mask: 0 for padding),
+            applied to every layer's tokens.
+
+    Returns:
+        0-dim loss.
+    """
+    if not logits:
+        raise ValueError("pooled_load_balancing_loss needs the logits of at least one layer")
+    num_experts = logits[0].shape[-1]
+    counts = logits[0].new_zeros(num_experts, dtype=torch.float32)
+    prob_sum = torch.zeros_like(counts)
+    rows = counts.new_zeros(())
+    for layer in logits:
+        _check_routing_tensor(layer, "logits")
+        if layer.dim() != 2 or layer.shape[-1] != num_experts:
+            raise ValueError(f"every layer's logits must have shape (tokens, {num_experts}), got {tuple(layer.shape)}")
+        probs = torch.softmax(layer.float(), dim=-1)
+        chosen = torch.topk(probs, k, dim=-1).indices.reshape(-1)
+        weight = probs.new_ones(probs.shape[0]) if mask is None else mask.reshape(-1).to(probs)
+        if weight.shape[0] != probs.shape[0]:
+            raise ValueError(f"mask has {weight.shape[0]} entries for {probs.shape[0]} tokens")
+        counts = counts.index_add(0, chosen, weight.repeat_interleave(k))
+        prob_sum = prob_sum + (probs * weight.unsqueeze(-1)).sum(dim=0)
+        rows = rows + weight.sum()
+    return num_experts * ((counts / rows) * (prob_sum / rows)).sum()
 
 
 def z_loss(logits: Tensor) -> Tensor:

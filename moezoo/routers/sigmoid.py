@@ -31,6 +31,9 @@ class SigmoidRouter(Router):
         num_experts: E.
         k: experts per token.
         normalize: rescale each token's k weights to sum to 1.
+        normalize_eps: added to the sum the weights are divided by (DeepSeek-V3: 1e-20).
+        scale: multiply every combine weight by this, after ``normalize`` (DeepSeek-V3's
+            ``routed_scaling_factor``).
         bias_update_rate: u of the loss-free balancing (paper: 1e-3).
 
     Losses: ``load_balancing`` on the scores normalised over experts (DeepSeek-V3's complementary
@@ -44,12 +47,17 @@ class SigmoidRouter(Router):
         k: int = 2,
         *,
         normalize: bool = False,
+        normalize_eps: float = 0.0,
+        scale: float = 1.0,
         bias_update_rate: float = 0.0,
         check_finite: bool = True,
     ) -> None:
         super().__init__(dim, num_experts, k, check_finite=check_finite)
+        name = type(self).__name__
         self.normalize = bool(normalize)
-        self.bias_update_rate = require_float(type(self).__name__, "bias_update_rate", bias_update_rate)
+        self.normalize_eps = require_float(name, "normalize_eps", normalize_eps)
+        self.scale = require_float(name, "scale", scale, strict=True)
+        self.bias_update_rate = require_float(name, "bias_update_rate", bias_update_rate)
         self.register_buffer("bias", torch.zeros(num_experts))
         # A plain attribute, not a buffer: DDP broadcasts buffers from rank 0 before each forward,
         # which would overwrite the other ranks' counts. It is zero at every step boundary, which is
@@ -72,14 +80,27 @@ class SigmoidRouter(Router):
             self.bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.pending_load = None
 
+    def scores(self, logits: Tensor) -> Tensor:
+        """(tokens, experts) routing scores from the fp32 logits: their sigmoid."""
+        return torch.sigmoid(logits)
+
+    def allowed(self, select: Tensor) -> Tensor | None:
+        """(tokens, experts) bool mask of the experts each token may choose, from the selection
+        scores (scores + bias); None: all of them."""
+        return None
+
     def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
               capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
         num_tokens, num_experts = logits.shape
-        scores = torch.sigmoid(logits)
-        token, expert, weight = RF.sigmoid_top_k(scores, self.k, selection_bias=self.bias)
+        scores = self.scores(logits)
+        allowed = self.allowed(scores.detach() + self.bias)
+        token, expert, weight = RF.sigmoid_top_k(scores, self.k, selection_bias=self.bias, allowed=allowed)
         if self.normalize:
-            weight = weight / torch.zeros(num_tokens, device=x.device).index_add(0, token, weight)[token]
+            total = torch.zeros(num_tokens, device=x.device).index_add(0, token, weight)
+            weight = weight / (total[token] + self.normalize_eps)
+        if self.scale != 1.0:
+            weight = weight * self.scale
         if self.training and self.bias_update_rate > 0:
             with torch.no_grad():
                 load = RF.bincount(expert, num_experts).float()

@@ -28,6 +28,7 @@ class TopKRouter(Router):
             weights are those probabilities) or ``"topk_softmax"`` (Mixtral: top-k logits, then a
             softmax over just those, so each token's weights sum to 1).
         normalize: with ``softmax_topk``, rescale each token's top-k probabilities to sum to 1.
+        scale: multiply every combine weight by this (DeepSeek-V2's ``routed_scaling_factor``).
         capacity_factor: training capacity C (places per expert ``ceil(k*tokens*C/E)``); beyond it
             assignments are dropped in token order, all first choices before second choices.
             ``None``: no capacity, nothing dropped. ``capacity_groups`` gives blocks their own.
@@ -52,6 +53,7 @@ class TopKRouter(Router):
         *,
         order: str = "softmax_topk",
         normalize: bool = False,
+        scale: float = 1.0,
         capacity_factor: float | None = None,
         eval_capacity_factor: float | None = None,
         capacity_multiple_of: int | None = None,
@@ -69,6 +71,7 @@ class TopKRouter(Router):
             raise ValueError(f"{name}: random_second (GShard) needs k=2, got k={k}")
         self.order = order
         self.normalize = bool(normalize)
+        self.scale = require_float(name, "scale", scale, strict=True)
         self.capacity_multiple_of = None if capacity_multiple_of is None else require_int(
             name, "capacity_multiple_of", capacity_multiple_of)
         self.jitter = require_float(name, "jitter", jitter, below=1.0)
@@ -113,6 +116,8 @@ class TopKRouter(Router):
             weight = torch.exp(select_logits[token, expert] - top_lse[token])
         elif self.normalize:
             weight = weight / probs.gather(1, top_index).sum(dim=1)[token]
+        if self.scale != 1.0:
+            weight = weight * self.scale
 
         losses["load_balancing"] = L.load_balancing_loss(probs, top_index)
         losses["z_loss"] = L.z_loss(logits)

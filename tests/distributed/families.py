@@ -3,8 +3,8 @@
 Each family is ``build(capacity) -> model`` and ``objective(model, rank) -> scalar``; the objective
 of a rank's own batch (inputs drawn from a generator seeded by the rank) plus the model's weighted
 auxiliary losses, so that router gradients are part of what is compared. ``capacity`` turns token
-dropping on where the family's router has a capacity (V-MoE, LIMoE, Time-MoE) and is ignored
-elsewhere (Soft MoE, SpeechMoE and σ-MoE route without one).
+dropping on where the family's router has a capacity (V-MoE, LIMoE, Time-MoE, converted Mixtral) and
+is ignored elsewhere (Soft MoE, SpeechMoE, σ-MoE and DeepSeek-V3's sigmoid router route without one).
 """
 
 from __future__ import annotations
@@ -99,6 +99,31 @@ def lm_objective(model: nn.Module, rank: int) -> Tensor:
         + aux_loss(model)
 
 
+def _transformers(model_type: str):
+    """A tiny transformers model of ``model_type`` converted by moezoo.from_transformers, in training
+    mode; with ``capacity`` its top-k routers drop tokens (DeepSeek-V3's sigmoid router has none)."""
+
+    def build(capacity: bool) -> nn.Module:
+        from moezoo.zoo.hf import TransformersMoE, from_transformers
+        from tests.zoo.tiny_transformers import tiny_model
+
+        model = from_transformers(tiny_model(model_type), backend="torch").train()
+        if capacity:
+            for layer in model.modules():
+                if isinstance(layer, TransformersMoE) and hasattr(layer.router, "capacity_factor"):
+                    layer.router.capacity_factor = 0.5
+        return model
+
+    return build
+
+
+def transformers_objective(model: nn.Module, rank: int) -> Tensor:
+    from tests.zoo.tiny_transformers import tokens
+
+    ids = tokens(seed=100 + rank)
+    return model(ids, labels=ids).loss + aux_loss(model)
+
+
 FAMILIES = {
     "vmoe": (vmoe, image_objective),
     "soft_moe": (soft_moe, image_objective),
@@ -106,4 +131,6 @@ FAMILIES = {
     "time_moe": (time_moe, time_moe_objective),
     "speech_moe": (speech_moe, speech_objective),
     "sigma_moe_lm": (sigma_moe_lm, lm_objective),
+    "mixtral_hf": (_transformers("mixtral"), transformers_objective),
+    "deepseek_v3_hf": (_transformers("deepseek_v3"), transformers_objective),
 }

@@ -148,6 +148,12 @@ def test_every_family_expert_parallel_equals_single_process():
     mp.spawn(_family_worker, args=(2, free_port(), families), nprocs=2, join=True)
 
 
+@pytest.mark.slow  # each spawned process imports transformers
+def test_converted_transformers_models_expert_parallel_equal_single_process():
+    """Converted Mixtral and DeepSeek-V3 blocks: outputs and every gradient on 2 gloo processes."""
+    mp.spawn(_family_worker, args=(2, free_port(), ["mixtral_hf", "deepseek_v3_hf"]), nprocs=2, join=True)
+
+
 def _fsdp_worker(rank: int, world: int, port: int) -> None:
     _init(rank, world, port)
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,7 +245,8 @@ def test_hash_router_is_deterministic_and_needs_ids():
 # -- shared behaviour -------------------------------------------------------------------------
 
 ALL = [R.TopKRouter, R.BatchPrioritizedRouter, R.ExpertChoiceRouter, R.BalancedAssignmentRouter,
-       R.SinkhornRouter, R.SigmoidRouter]
+       R.SinkhornRouter, R.SigmoidRouter, R.SparseMixerRouter,
+       functools.partial(R.GroupLimitedRouter, k=2, num_groups=2, topk_group=1)]
 
 
 @pytest.mark.parametrize("cls", ALL)
@@ -286,6 +289,14 @@ def test_router_rejects_bad_input(cls):
         (lambda: R.TopKRouter(8, 0), "num_experts"),
         (lambda: R.TopKRouter(8, 4, order="sideways"), "order must be"),
         (lambda: R.HashRouter(8, 4, key="colour"), "key must be"),
+        (lambda: R.TopKRouter(8, 4, scale=0.0), "scale must be"),
+        (lambda: R.SigmoidRouter(8, 4, normalize_eps=-1.0), "normalize_eps must be"),
+        (lambda: R.GroupLimitedRouter(8, 6, k=2, num_groups=4), "num_groups must divide num_experts=6"),
+        (lambda: R.GroupLimitedRouter(8, 8, k=2, num_groups=4, topk_group=5), "topk_group must be <= num_groups=4"),
+        (lambda: R.GroupLimitedRouter(8, 8, k=2, num_groups=4, topk_group=2, group_top=3), "group_top must be <= the 2"),
+        (lambda: R.GroupLimitedRouter(8, 8, k=5, num_groups=4, topk_group=2), "k must be <= topk_group x"),
+        (lambda: R.GroupLimitedRouter(8, 8, k=2, num_groups=4, topk_group=2, scores="tanh"), "scores must be one of"),
+        (lambda: R.SparseMixerRouter(8, 4, jitter_eps=-0.1), "jitter_eps must be"),
     ],
 )
 def test_router_construction_validates(make, message):
@@ -301,6 +312,16 @@ def test_routers_build_from_yaml_class_path():
     )
     router = parser.instantiate(cfg).router
     assert isinstance(router, R.TopKRouter) and router.k == 1 and router.num_experts == 4
+    cfg = parser.parse_string(
+        "router:\n  class_path: moezoo.routers.GroupLimitedRouter\n  init_args:\n    dim: 16\n    num_experts: 8\n"
+        "    k: 2\n    num_groups: 4\n    topk_group: 2\n    scale: 2.5\n"
+    )
+    router = parser.instantiate(cfg).router
+    assert isinstance(router, R.GroupLimitedRouter) and (router.num_groups, router.topk_group, router.scale) == (4, 2, 2.5)
+    cfg = parser.parse_string("router:\n  class_path: moezoo.routers.SparseMixerRouter\n  init_args:\n    dim: 16\n"
+                              "    num_experts: 4\n    jitter_eps: 0.05\n")
+    router = parser.instantiate(cfg).router
+    assert isinstance(router, R.SparseMixerRouter) and router.jitter_eps == 0.05 and router.k == 2
 
 
 def test_a_models_router_is_chosen_in_yaml():

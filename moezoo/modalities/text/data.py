@@ -7,6 +7,8 @@ shuffled, evaluation windows are the split's consecutive, non-overlapping window
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -51,15 +53,20 @@ def load_tokenizer(name: str) -> tuple[Callable[[str], list[int]], int]:
     """
     if name == "bytes":
         return (lambda text: list(text.encode("utf-8"))), BYTE_VOCAB_SIZE
+    tokenizer = _transformers_tokenizer(name)
+    return (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]), len(tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def _transformers_tokenizer(name: str):
+    """The transformers tokenizer ``name`` (see :func:`load_tokenizer`), loaded once per process."""
     if name == "byt5":
         from transformers import ByT5Tokenizer
 
-        tokenizer = ByT5Tokenizer()
-    else:
-        from transformers import AutoTokenizer
+        return ByT5Tokenizer()
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    return (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]), len(tokenizer)
+    return AutoTokenizer.from_pretrained(name)
 
 
 class Windows(Dataset):
@@ -88,13 +95,18 @@ class TextDataModule(SplitDataModule):
 
     Args:
         dataset: ``"pydoc_topics"`` (built in, offline, see :func:`pydoc_topics_splits`);
-            ``"files"``: plain-text files, ``train_files`` and ``val_files`` (``test_files``
-            optional; without ``val_files`` the last ``val_fraction`` of each training file is
-            held out); ``"hf:<path or name>"``: a ``datasets`` corpus, ``load_from_disk(path)`` for a
+            ``"files"``: ``train_files`` and ``val_files`` (``test_files`` optional; without
+            ``val_files`` the last ``val_fraction`` of each training file is held out), plain text,
+            or JSON lines (``.jsonl``: one document per line, its ``text_field``, or with
+            ``chat_template`` its ``messages`` rendered by the tokenizer's chat template);
+            ``"hf:<path or name>"``: a ``datasets`` corpus, ``load_from_disk(path)`` for a
             saved dataset folder, else ``load_dataset(name, hf_config)`` (local files or the HF
             cache; nothing is downloaded when ``HF_DATASETS_OFFLINE=1``), with splits ``hf_splits``
             and the text in column ``text_field``.
-        tokenizer: see :func:`load_tokenizer` (default ``"bytes"``).
+        tokenizer: see :func:`load_tokenizer` (default ``"bytes"``); a transformers model's own
+            tokenizer by its folder or hub id.
+        chat_template: render JSON-lines records' ``messages`` (a list of ``{"role", "content"}``)
+            with the tokenizer's chat template (a transformers tokenizer that has one).
         context_length: tokens the model sees per window.
         batch_size, eval_batch_size: batch sizes.
         max_documents: use at most this many documents per split (large corpora such as C4).
@@ -116,6 +128,7 @@ class TextDataModule(SplitDataModule):
         hf_config: str | None = None,
         hf_splits: dict[str, str] | None = None,
         text_field: str = "text",
+        chat_template: bool = False,
         max_documents: int | None = None,
         num_workers: int = 0,
     ) -> None:
@@ -129,11 +142,14 @@ class TextDataModule(SplitDataModule):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if chat_template and tokenizer == "bytes":
+            raise ValueError("chat_template=True needs a transformers tokenizer with a chat template, got tokenizer='bytes'")
         self.dataset, self.tokenizer = dataset, tokenizer
         self.context_length, self.batch_size = context_length, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.train_files, self.val_files, self.test_files = train_files, val_files, test_files
         self.val_fraction, self.hf_config, self.text_field = val_fraction, hf_config, text_field
+        self.chat_template = chat_template
         self.hf_splits = dict(hf_splits or {"train": "train", "val": "validation", "test": "test"})
         self.max_documents, self.num_workers = max_documents, num_workers
         self.ids: dict[str, Tensor] = {}
@@ -167,7 +183,11 @@ class TextDataModule(SplitDataModule):
                 path = Path(p).expanduser()
                 if not path.is_file():
                     raise FileNotFoundError(f"TextDataModule: {path} is not a file")
-                texts.append(path.read_text(encoding="utf-8"))
+                text = path.read_text(encoding="utf-8")
+                if path.suffix == ".jsonl":  # one document per record, the whole file one text
+                    text = _SEPARATOR.join(self._record_text(json.loads(line), path, n)
+                                           for n, line in enumerate(text.splitlines(), 1) if line.strip())
+                texts.append(text)
             return texts
 
         train = read(self.train_files)
@@ -179,6 +199,16 @@ class TextDataModule(SplitDataModule):
             train = [t[:c] for t, c in zip(train, cut)]
         test = read(self.test_files) if self.test_files else val
         return {"train": train, "val": val, "test": test}
+
+    def _record_text(self, record: object, path: Path, line: int) -> str:
+        """One JSON-lines record's text: its ``text_field``, or its chat rendered by the template."""
+        if self.chat_template:
+            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+                raise ValueError(f"TextDataModule: {path}:{line} has no 'messages' list for the chat template")
+            return _transformers_tokenizer(self.tokenizer).apply_chat_template(record["messages"], tokenize=False)
+        if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
+            raise ValueError(f"TextDataModule: {path}:{line} has no string field {self.text_field!r}")
+        return record[self.text_field]
 
     def _hf(self) -> dict[str, list[str]]:
         datasets = import_extra("datasets", "text")

@@ -1,8 +1,11 @@
-"""``LanguageModeling``: next-token cross-entropy plus the weighted routing losses; perplexity, bits per byte."""
+"""``LanguageModeling``: next-token cross-entropy plus the weighted routing losses; perplexity, bits per
+byte. ``CausalLMFineTuning``: the same for a transformers MoE causal LM converted to moezoo."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,12 +14,12 @@ from torchmetrics import MeanMetric
 
 from moezoo.task import MoETask
 
-__all__ = ["LanguageModeling", "lm_loss"]
+__all__ = ["CausalLMFineTuning", "LanguageModeling", "lm_loss"]
 
 
-def lm_loss(model: nn.Module, batch: Tensor) -> tuple[Tensor, int]:
-    """Mean next-token cross-entropy (nats) of ``model`` on windows ``batch`` (B, T+1) and the
-    number of predicted tokens (B * T)."""
+def lm_loss(model: Callable[[Tensor], Tensor], batch: Tensor) -> tuple[Tensor, int]:
+    """Mean next-token cross-entropy (nats) of ``model`` (any callable mapping (B, T) ids to
+    (B, T, vocab) logits) on windows ``batch`` (B, T+1) and the number of predicted tokens (B * T)."""
     if batch.dim() != 2 or batch.shape[1] < 2:
         raise ValueError(f"batch must have shape (batch, context + 1), got shape {tuple(batch.shape)}")
     inputs, targets = batch[:, :-1], batch[:, 1:]
@@ -45,8 +48,12 @@ class LanguageModeling(MoETask):
         self.bytes_per_token = bytes_per_token
         self.nll = nn.ModuleDict({s: MeanMetric() for s in ("val_", "test_")})
 
+    def logits(self, ids: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, vocab) next-token logits of the model."""
+        return self.model(ids)
+
     def step(self, batch: Tensor, stage: str) -> tuple[Tensor, int]:
-        loss, tokens = lm_loss(self.model, batch)
+        loss, tokens = lm_loss(self.logits, batch)
         self.log(f"{stage}/loss", loss.detach(), prog_bar=True, on_step=stage == "train", on_epoch=True,
                  batch_size=tokens)
         if stage != "train":
@@ -78,4 +85,48 @@ class LanguageModeling(MoETask):
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """Next-token log-probabilities of the window's first ``context`` tokens."""
-        return torch.log_softmax(self.model(batch[:, :-1]).float(), dim=-1)
+        return torch.log_softmax(self.logits(batch[:, :-1]).float(), dim=-1)
+
+
+class CausalLMFineTuning(LanguageModeling):
+    """Fine-tune a transformers MoE causal LM as a moezoo model: the model is loaded (a local folder
+    or a hub id) or built at random from a config, and converted in place by
+    :func:`moezoo.zoo.hf.from_transformers`, so the moezoo recipes, routing monitor, expert
+    parallelism and backends apply; the objective is next-token cross-entropy plus the model's own
+    auxiliary loss (``aux_loss_weights=None`` keeps each layer's: transformers' pooled balancing
+    loss with ``router_aux_loss_coef``). Save the result with ``task.model.save_pretrained(dir)``:
+    transformers' own layout.
+
+    Args:
+        pretrained: a local folder or hub id for ``AutoModelForCausalLM.from_pretrained``.
+        config: instead, a transformers config as a mapping with ``model_type`` (random weights).
+        backend: the expert banks' backend ("auto", "torch", "triton").
+        bias_update_rate: DeepSeek-V3's loss-free balancing rate (see ``from_transformers``).
+        dtype: the weights' dtype ("float32", "bfloat16", ...); None: the checkpoint's, or fp32.
+        gradient_checkpointing: transformers' activation checkpointing per decoder layer.
+        bytes_per_token, **kwargs: as :class:`LanguageModeling`.
+    """
+
+    def __init__(self, pretrained: str | None = None, config: dict[str, Any] | None = None, *, backend: str = "auto",
+                 bias_update_rate: float = 0.0, dtype: str | None = None, gradient_checkpointing: bool = False,
+                 bytes_per_token: float | None = None, **kwargs) -> None:
+        from moezoo.zoo.hf import from_config, from_pretrained
+
+        if (pretrained is None) == (config is None):
+            raise ValueError(
+                f"CausalLMFineTuning needs exactly one of pretrained=<folder or hub id> or config=<mapping with "
+                f"model_type>, got pretrained={pretrained!r}, config={config!r}"
+            )
+        if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"CausalLMFineTuning: dtype must name a torch dtype such as 'bfloat16', got {dtype!r}")
+        options = dict(backend=backend, bias_update_rate=bias_update_rate)
+        if dtype is not None:
+            options["dtype"] = getattr(torch, dtype)
+        model = from_pretrained(pretrained, **options) if pretrained is not None else from_config(config, **options)
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable()
+        super().__init__(model, bytes_per_token, **kwargs)
+
+    def logits(self, ids: Tensor) -> Tensor:
+        # The task adds the auxiliary loss itself (aux_loss): transformers must not add it again.
+        return self.model(input_ids=ids, use_cache=False, output_router_logits=False).logits
