@@ -13,10 +13,10 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-__all__ = ["EpochShuffleSampler", "RNGStateCheckpoint", "ResumableDataLoader"]
+__all__ = ["EpochShuffleSampler", "RNGStateCheckpoint", "ResumableDataLoader", "process_world"]
 
 
-def _world() -> tuple[int, int]:
+def process_world() -> tuple[int, int]:
     """(world size, rank) of the initialised default process group, else (1, 0)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -46,14 +46,14 @@ class EpochShuffleSampler(DistributedSampler):
         self.epoch = epoch
 
     def __iter__(self):
-        world, rank = _world()
+        world, rank = process_world()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)[: len(self) * world][rank::world].tolist()
         start, self.start = self.start, 0
         return iter(order[start:])
 
     def __len__(self) -> int:
-        return self.size // _world()[0]
+        return self.size // process_world()[0]
 
 
 class ResumableDataLoader(DataLoader):
@@ -115,7 +115,7 @@ class RNGStateCheckpoint(Callback):
         return state
 
     def state_dict(self) -> dict:
-        world, _ = _world()
+        world, _ = process_world()
         if world == 1:
             return {"ranks": [self._own_state()]}
         # Lightning collects callback states on every rank and rank 0 writes them: gather all.
@@ -124,7 +124,7 @@ class RNGStateCheckpoint(Callback):
         return {"ranks": states}
 
     def load_state_dict(self, state: dict) -> None:
-        world, rank = _world()
+        world, rank = process_world()
         ranks = state["ranks"]
         own = ranks[rank] if len(ranks) == world else ranks[0]
         random.setstate(own["python"])

@@ -19,7 +19,9 @@ class MLP(nn.Module):
         activation: "gelu", "gelu_tanh", "silu" or "relu".
         gated: gated linear unit (SwiGLU with "silu").
         bias: biases in both projections.
-        dropout: dropout after the activation and after fc2.
+        dropout: dropout after the activation and (with ``drop_output``) after fc2.
+        drop_output: also drop fc2's output; False where the surrounding block drops the residual
+            branch itself (the SwitchHead/σ-MoE authors' FFN: ``fc2(drop(act(fc1(x))))``).
     """
 
     def __init__(
@@ -32,6 +34,7 @@ class MLP(nn.Module):
         bias: bool = True,
         dropout: float = 0.0,
         dim_out: int | None = None,
+        drop_output: bool = True,
     ) -> None:
         super().__init__()
         if dim < 1 or hidden < 1:
@@ -40,6 +43,7 @@ class MLP(nn.Module):
         self.act = get_activation(activation)
         self.gated = gated
         self.dropout = dropout
+        self.drop_output = drop_output
         self.fc1 = nn.Linear(dim, hidden * (2 if gated else 1), bias=bias)
         self.fc2 = nn.Linear(hidden, dim_out or dim, bias=bias)
 
@@ -52,4 +56,5 @@ class MLP(nn.Module):
         else:
             h = self.act(h)
         h = F.dropout(h, self.dropout, self.training)
-        return F.dropout(self.fc2(h), self.dropout, self.training)
+        out = self.fc2(h)
+        return F.dropout(out, self.dropout, self.training) if self.drop_output else out

@@ -54,7 +54,8 @@ class MixtureOfAttentionHeads(RoutedLayer):
         head_dim: d (reference default 256; paper base 128).
         kdim: width of ``memory`` (cross-attention; default dim).
         dropout: attention-probability dropout.
-        noisy_gating: the reference's ``--gating noisy``.
+        noisy_gating: the reference's ``--gating noisy`` (z-loss on the noisy logits in training).
+        sample_topk: the reference's ``--sample-topk``: experts per token sampled in training.
         rotate_fraction, rope_base: optional RoPE (see :class:`~moezoo.layers.attention.RotaryEmbedding`).
         backend: backend of the expert projections.
         aux_loss_weights: coefficient per loss name (default :data:`~moezoo.routers.moa.MOA_LOSS_WEIGHTS`).
@@ -70,6 +71,7 @@ class MixtureOfAttentionHeads(RoutedLayer):
         kdim: int | None = None,
         dropout: float = 0.0,
         noisy_gating: bool = False,
+        sample_topk: int = 0,
         rotate_fraction: float = 0.0,
         rope_base: float = 10000.0,
         backend: str = "auto",
@@ -85,7 +87,7 @@ class MixtureOfAttentionHeads(RoutedLayer):
         self.dim, self.num_experts, self.k, self.head_dim = dim, num_experts, k, head_dim
         self.kdim = kdim or dim
         self.dropout = dropout
-        self.router = MoARouter(dim, num_experts, k, noisy=noisy_gating)
+        self.router = MoARouter(dim, num_experts, k, noisy=noisy_gating, sample_topk=sample_topk)
         self.q_experts = LinearExperts(dim, head_dim, num_experts, backend=backend)
         self.o_experts = LinearExperts(head_dim, dim, num_experts, backend=backend)
         self.k_proj = nn.Linear(self.kdim, head_dim, bias=False)
@@ -122,22 +124,30 @@ class MixtureOfAttentionHeads(RoutedLayer):
         return self.k
 
     def forward(self, x: Tensor, memory: Tensor | None = None, *, causal: bool = False,
-                key_padding_mask: Tensor | None = None) -> Tensor:
+                key_padding_mask: Tensor | None = None, query_padding_mask: Tensor | None = None) -> Tensor:
         """x: (B, T, dim) queries; memory: (B, S, kdim) keys/values (default x, self-attention).
 
-        ``causal`` and ``key_padding_mask`` (B, S) as :func:`~moezoo.layers.attention.attention_mask`.
+        ``causal`` and ``key_padding_mask`` (B, S) as :func:`~moezoo.layers.attention.attention_mask`;
+        ``query_padding_mask`` (B, T) bool, True at padded queries: as the reference's
+        ``query_padding_mask`` they are routed nowhere, their output is zero and they are left out of
+        the switch and cv losses (:class:`~moezoo.routers.moa.MoARouter`).
         """
         src = attention_source("MixtureOfAttentionHeads", x, memory, self.dim, self.kdim)
         (batch, queries, _), keys = x.shape, src.shape[1]
         k, d = self.k, self.head_dim
         tokens = batch * queries
-        routing = self.router(x.reshape(tokens, self.dim))
-        # MoARouter keeps every choice, choice-major: assignment a is choice a // tokens of its token.
-        slot_row = routing.token * k + torch.arange(routing.num_assignments, device=x.device) // tokens
+        if query_padding_mask is not None and query_padding_mask.shape != (batch, queries):
+            raise ValueError(f"MixtureOfAttentionHeads: query_padding_mask must have shape (batch, queries)="
+                             f"({batch}, {queries}), got {tuple(query_padding_mask.shape)}")
+        routing = self.router(x.reshape(tokens, self.dim),
+                              padding_mask=None if query_padding_mask is None else query_padding_mask.reshape(-1).bool())
+        # MoARouter's assignments are choice-major over its kept tokens: assignment a is choice a // kept.
+        kept = max(routing.num_assignments // k, 1)
+        slot_row = routing.token * k + torch.arange(routing.num_assignments, device=x.device) // kept
         ones = torch.ones_like(routing.weight)
         q_routing = Routing(slot_row, routing.expert, ones, tokens * k, self.num_experts)
         q = self.q_experts(x.reshape(tokens, self.dim).repeat_interleave(k, dim=0), q_routing)
-        q = q.view(batch, queries, k, d).transpose(1, 2)  # (B, k, T, d): slot j of every token
+        q = q.view(batch, queries, k, d).transpose(1, 2)  # (B, k, T, d): slot j of every token (0 if skipped)
         key = self.k_proj(src).unsqueeze(1).expand(batch, k, keys, d)
         value = self.v_proj(src).unsqueeze(1).expand(batch, k, keys, d)
         q, key = self.rope(q, key)

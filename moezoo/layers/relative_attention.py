@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moezoo.checks import require_int
+from moezoo.layers.attention import attention_mask
 
-__all__ = ["RelativeMultiHeadAttention", "sinusoidal_embedding"]
+__all__ = ["RelativeMultiHeadAttention", "relative_offsets", "relative_position_logits", "sinusoidal_embedding"]
 
 
 def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
@@ -31,6 +32,33 @@ def sinusoidal_embedding(positions: Tensor, dim: int) -> Tensor:
     pe[:, 0::2] = torch.sin(angles)
     pe[:, 1::2] = torch.cos(angles)
     return pe
+
+
+def relative_offsets(memory_length: int, tokens: int, device: torch.device | None = None) -> Tensor:
+    """The relative positions ``j - (M + i)`` a segment of T queries after M memory positions needs,
+    in order: ``-(M + T - 1), ..., T - 1`` ((M + 2T - 1,) float)."""
+    return torch.arange(-(memory_length + tokens - 1), tokens, device=device, dtype=torch.float)
+
+
+def relative_position_logits(q: Tensor, r: Tensor, memory_length: int) -> Tensor:
+    """Transformer-XL's position term: ``q_i . r_{j - (M + i)}`` for every query i and key j.
+
+    Args:
+        q: (B, H, T, d) queries; query i sits at position M + i.
+        r: (H, M + 2T - 1, d) per-head position keys of :func:`relative_offsets` (M, T).
+        memory_length: M.
+
+    Returns:
+        (B, H, T, M + T) logits; key j is memory position j for j < M, else segment position j - M.
+    """
+    tokens = q.shape[-2]
+    keys = memory_length + tokens
+    by_offset = q @ r.transpose(-1, -2)  # (B, H, T, n_offsets)
+    i = torch.arange(tokens, device=q.device)[:, None]
+    j = torch.arange(keys, device=q.device)[None, :]
+    # Offset j - (M + i) is row j - i + T - 1 of the offsets, for every (i, j).
+    index = (j - i + tokens - 1).expand(*by_offset.shape[:-2], tokens, keys)
+    return by_offset.gather(-1, index)
 
 
 class RelativeMultiHeadAttention(nn.Module):
@@ -97,6 +125,11 @@ class RelativeMultiHeadAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
+    @property
+    def attention_matrices(self) -> int:
+        """Attention maps computed per sequence: one per head."""
+        return self.num_heads
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """The reference's init (see the class docstring)."""
@@ -129,18 +162,14 @@ class RelativeMultiHeadAttention(nn.Module):
         q = self._heads(self.q_proj(x))  # (B, H, T, d)
         k = self._heads(self.dropout(self.k_proj(source)))  # (B, H, S, d)
         v = self._heads(self.v_proj(source))
-        # Relative positions j - (M + i) run from -(M + T - 1) to T - 1.
-        offsets = torch.arange(-(mem_len + tokens - 1), tokens, device=x.device, dtype=torch.float)
+        offsets = relative_offsets(mem_len, tokens, x.device)
         r = self.dropout(self.pos_proj(sinusoidal_embedding(offsets, self.dim).to(x.dtype)))
         r = r.view(-1, self.num_heads, self.head_dim).transpose(0, 1)  # (H, n_offsets, d)
 
         content = (q + self.content_bias[:, None]) @ k.transpose(-1, -2)  # (B, H, T, S)
-        by_offset = (q + self.position_bias[:, None]) @ r.transpose(-1, -2)  # (B, H, T, n_offsets)
-        i = torch.arange(tokens, device=x.device)[:, None]
-        j = torch.arange(keys, device=x.device)[None, :]
-        index = (j - i + tokens - 1).expand(*by_offset.shape[:2], tokens, keys)  # offset j - (M+i) as an index
-        scores = (content + by_offset.gather(-1, index)) * self.scale
-        if causal:
-            scores = scores.masked_fill(j > mem_len + i, float("-inf"))
+        position = relative_position_logits(q + self.position_bias[:, None], r, mem_len)
+        scores = (content + position) * self.scale
+        if causal:  # query i sits at M + i: the whole memory stays visible
+            scores = scores.masked_fill(~attention_mask(x.shape[0], tokens, keys, True, None, x.device), float("-inf"))
         out = F.softmax(scores, dim=-1) @ v  # (B, H, T, d)
         return self.out_proj(out.transpose(1, 2).reshape(x.shape[0], tokens, -1))

@@ -1,8 +1,10 @@
 """SwitchHead attention (Csordás, Piękos, Irie, Schmidhuber, arXiv 2312.07987): few heads whose value
 and output projections are σ-gated mixtures of experts.
 
-Reference: RobertCsordas/switchhead ``switchhead/switchhead.py`` (``SwitchHeadRope``). The expert
-projections are :class:`~moezoo.layers.experts.LinearExperts` banks.
+References: RobertCsordas/switchhead ``switchhead/switchhead.py`` (``SwitchHeadRope``, RoPE) and the
+authors' training code RobertCsordas/moe_attention ``layers/transformer/full_moe_relative_attention.py``
+(``FullMoeRelativeAttention``, Transformer-XL positions with segment memory: the papers' main results).
+The expert projections are :class:`~moezoo.layers.experts.LinearExperts` banks.
 """
 
 from __future__ import annotations
@@ -17,29 +19,31 @@ from torch import Tensor, nn
 from moezoo.checks import require_int
 from moezoo.layers.attention import RotaryEmbedding, attention_mask, attention_source
 from moezoo.layers.experts import LinearExperts
+from moezoo.layers.relative_attention import relative_offsets, relative_position_logits, sinusoidal_embedding
 from moezoo.layers.routed import RoutedLayer
 from moezoo.routers.losses import marginal_entropy_loss
 from moezoo.routers.routing import Routing
 from moezoo.routers.switchhead import SwitchHeadSelector
 
-__all__ = ["SwitchHeadAttention"]
+__all__ = ["SwitchHeadAttention", "SwitchHeadCore", "SwitchHeadXLAttention"]
 
 
-class SwitchHeadAttention(RoutedLayer):
-    """SwitchHead: ``forward(x: (B, T, dim), memory=None) -> (B, T, dim)``.
+class SwitchHeadCore(RoutedLayer):
+    """What both SwitchHead variants share: the projections, the σ-gated value and output experts, the
+    init and the recorded losses. Positions and the attention itself are the variants' (RoPE:
+    :class:`SwitchHeadAttention`; Transformer-XL with memory: :class:`SwitchHeadXLAttention`).
 
-    H heads (few: 2-4). Per head h, the query and key projections are dense; the value and output
-    projections are E experts each, chosen per head by non-competitive σ-gating
+    Per head h, the query and key projections are dense; the value and output projections are E
+    experts each, chosen per head by non-competitive σ-gating
     (:class:`~moezoo.routers.switchhead.SwitchHeadSelector`): the value experts from the **source**
     (key/value-side) token, the output experts from the **destination** (query-side) token::
 
         V^h(s) = sum_{e in topk(s_V)} s_V[e] * x_s W_V^{h,e}
-        A^h    = softmax(Q^h K^h^T / sqrt(d) + mask)
+        A^h    = softmax(Q^h K^h^T / sqrt(d) + positions + mask)
         y(t)   = sum_h sum_{e in topk(s_O)} s_O[e] * (A^h V^h)(t) W_O^{h,e}
 
     with top-k scores used as weights without renormalisation and the heads summed (no
-    concatenation). Q and K are each scaled by ``d^-1/4``; RoPE on the first ``rotate_fraction`` of
-    the head channels (the reference's ``SwitchHeadRope``). With ``num_experts=1`` the value
+    concatenation). Q and K are each scaled by ``d^-1/4``. With ``num_experts=1`` the value
     projection is dense and each head's output is gated by ``sigmoid(x W_sel_O^h)``, as the
     reference's one-expert case.
 
@@ -52,17 +56,18 @@ class SwitchHeadAttention(RoutedLayer):
     ``o`` = ``o_experts.weight`` (H*E, d, dim); ``sel_v.gate.weight`` (H*E, dim, absent for E=1);
     ``sel_o.gate.weight`` (H*E, dim). Expert h*E+e is expert e of head h.
 
+    Init (both references): N(0, s/sqrt(dim)) for q, k, v and the selectors (rows renormalised),
+    N(0, s/sqrt(H*d)) for o, with ``s = init_scale`` (the authors' pre-LN LMs: sqrt(2 / layers)).
+
     Args:
         dim: model width.
         num_heads: H.
         num_experts: E per head (paper: 4-8).
         head_dim: d (default dim // num_heads).
         k: experts per head and token (paper: 2-4).
-        dropout: dropout on the queries (reference).
+        dropout: the variant's attention dropout (see each).
         expert_dropout: selection dropout (reference; paper 0).
-        rotate_fraction: share of head channels with RoPE (reference 0.5); 0 = no positions here.
-        rope_base: RoPE base.
-        init_scale: std multiplier of the init (reference recommendation 1/sqrt(layers)).
+        init_scale: std multiplier of the init.
         backend: backend of the expert projections.
         aux_loss_weights: coefficient per loss name (default none: the paper uses no regulariser).
     """
@@ -77,24 +82,24 @@ class SwitchHeadAttention(RoutedLayer):
         *,
         dropout: float = 0.0,
         expert_dropout: float = 0.0,
-        rotate_fraction: float = 0.5,
-        rope_base: float = 10000.0,
         init_scale: float = 1.0,
         backend: str = "auto",
         aux_loss_weights: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(aux_loss_weights)
-        for name, value in (("dim", dim), ("num_heads", num_heads), ("num_experts", num_experts), ("k", k)):
-            require_int("SwitchHeadAttention", name, value)
+        name = type(self).__name__
+        for field, value in (("dim", dim), ("num_heads", num_heads), ("num_experts", num_experts), ("k", k)):
+            require_int(name, field, value)
         if k > num_experts:
-            raise ValueError(f"SwitchHeadAttention: k must be <= num_experts={num_experts}, got k={k}")
+            raise ValueError(f"{name}: k must be <= num_experts={num_experts}, got k={k}")
         if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"SwitchHeadAttention: dropout must be in [0, 1), got {dropout}")
+            raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout}")
         self.dim, self.num_heads, self.num_experts, self.k = dim, num_heads, num_experts, k
         self.head_dim = head_dim or dim // num_heads
         if self.head_dim < 1:
-            raise ValueError(f"SwitchHeadAttention: head_dim must be >= 1, got {head_dim} (dim={dim}, heads={num_heads})")
+            raise ValueError(f"{name}: head_dim must be >= 1, got {head_dim} (dim={dim}, heads={num_heads})")
         self.dropout = dropout
+        self.init_scale = init_scale
         inner = num_heads * self.head_dim
         self.q = nn.Linear(dim, inner, bias=False)
         self.k_proj = nn.Linear(dim, inner, bias=False)
@@ -103,8 +108,6 @@ class SwitchHeadAttention(RoutedLayer):
         selector = dict(k=k, expert_dropout=expert_dropout, init_scale=init_scale)
         self.sel_v = SwitchHeadSelector(dim, num_heads, num_experts, **selector) if num_experts > 1 else None
         self.sel_o = SwitchHeadSelector(dim, num_heads, num_experts, **selector)
-        self.rope = RotaryEmbedding(self.head_dim, rotate_fraction, rope_base)
-        self.reset_parameters(init_scale)
 
     @property
     def v(self) -> nn.Parameter:
@@ -126,7 +129,7 @@ class SwitchHeadAttention(RoutedLayer):
 
     @torch.no_grad()
     def reset_parameters(self, init_scale: float = 1.0) -> None:
-        """The reference's init: N(0, s/sqrt(dim)) for q, k, v; N(0, s/sqrt(H*d)) for o."""
+        """The references' init: N(0, s/sqrt(dim)) for q, k, v; N(0, s/sqrt(H*d)) for o."""
         for w in (self.q.weight, self.k_proj.weight, self.v):
             w.normal_(0.0, init_scale / math.sqrt(self.dim))
         self.o.normal_(0.0, init_scale / math.sqrt(self.num_heads * self.head_dim))
@@ -139,37 +142,35 @@ class SwitchHeadAttention(RoutedLayer):
         """Attention maps computed per sequence: one per head."""
         return self.num_heads
 
-    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal: bool = False,
-                key_padding_mask: Tensor | None = None) -> Tensor:
-        """x: (B, T, dim) queries; memory: (B, S, dim) keys/values (default x, self-attention).
+    def queries_and_keys(self, x: Tensor, src: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, T, dim), src: (B, S, dim) -> q (B, H, T, d), k (B, H, S, d), each scaled by
+        ``d^-1/4`` (the product carries 1/sqrt(d))."""
+        scale = self.head_dim ** -0.25
+        q = (self.q(x) * scale).view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        k = (self.k_proj(src) * scale).view(src.shape[0], src.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+        return q, k
 
-        ``causal`` and ``key_padding_mask`` (B, S) as :func:`~moezoo.layers.attention.attention_mask`.
-        """
-        src = attention_source("SwitchHeadAttention", x, memory, self.dim, self.dim)
-        (batch, queries, _), keys = x.shape, src.shape[1]
-        heads, d = self.num_heads, self.head_dim
-        x_flat, src_flat = x.reshape(-1, self.dim), src.reshape(-1, self.dim)
-        scale = d ** -0.25  # on q and on k: the product carries 1/sqrt(d)
-        q = (self.q(x) * scale).view(batch, queries, heads, d).transpose(1, 2)
-        k = (self.k_proj(src) * scale).view(batch, keys, heads, d).transpose(1, 2)
-
-        # Values: rows s*H + h of the source repeated per head, one expert bank for all heads.
+    def values(self, src: Tensor) -> tuple[Tensor, Routing]:
+        """src: (B, S, dim) -> values (B, H, S, d) from each source token's own experts, and their routing."""
+        (batch, keys, _), heads = src.shape, self.num_heads
+        src_flat = src.reshape(-1, self.dim)
+        # Rows s*H + h of the source repeated per head, one expert bank for all heads.
         per_head_src = src_flat.repeat_interleave(heads, dim=0)
         if self.sel_v is None:
-            rows = torch.arange(per_head_src.shape[0], device=x.device)
-            v_routing = Routing(rows, rows % heads, x.new_ones(rows.shape), rows.numel(), heads)
+            rows = torch.arange(per_head_src.shape[0], device=src.device)
+            routing = Routing(rows, rows % heads, src.new_ones(rows.shape), rows.numel(), heads)
         else:
-            v_routing = self.sel_v(src_flat)
-        v = self.v_experts(per_head_src, v_routing).view(batch, keys, heads, d).transpose(1, 2)
+            routing = self.sel_v(src_flat)
+        v = self.v_experts(per_head_src, routing).view(batch, keys, heads, self.head_dim).transpose(1, 2)
+        return v, routing
 
-        q = F.dropout(q, self.dropout, self.training)
-        q, k = self.rope(q, k)
-        mask = attention_mask(batch, queries, keys, causal, key_padding_mask, x.device)
-        res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, T, d)
-
-        o_routing = self.sel_o(x_flat)
-        rows = res.transpose(1, 2).reshape(-1, d)  # row t*H + h
-        out = self.o_experts(rows, o_routing).view(batch * queries, heads, self.dim).sum(1)
+    def outputs(self, res: Tensor, x: Tensor, v_routing: Routing) -> Tensor:
+        """res: (B, H, T, d) attention results, x: (B, T, dim) their queries -> (B, T, dim), every head
+        through the output experts of its query token, summed; records the losses and statistics."""
+        batch, queries = x.shape[0], x.shape[1]
+        o_routing = self.sel_o(x.reshape(-1, self.dim))
+        rows = res.transpose(1, 2).reshape(-1, self.head_dim)  # row t*H + h
+        out = self.o_experts(rows, o_routing).view(batch * queries, self.num_heads, self.dim).sum(1)
 
         # Reference regulariser: per sequence, one marginal over its positions and heads, V and O.
         e = self.num_experts
@@ -180,3 +181,127 @@ class SwitchHeadAttention(RoutedLayer):
             stats["tokens_per_expert_v"] = v_routing.stats["tokens_per_expert"]
         self.record(losses, stats)
         return out.view(batch, queries, self.dim)
+
+
+class SwitchHeadAttention(SwitchHeadCore):
+    """SwitchHead with rotary positions: ``forward(x: (B, T, dim), memory=None) -> (B, T, dim)``.
+
+    :class:`SwitchHeadCore` with RoPE on the first ``rotate_fraction`` of the head channels (the
+    reference's ``SwitchHeadRope``); ``memory`` is the key/value source of cross-attention.
+
+    Args:
+        dim, num_heads, num_experts, head_dim, k, expert_dropout, init_scale, backend,
+            aux_loss_weights: see :class:`SwitchHeadCore`.
+        dropout: dropout on the queries (reference).
+        rotate_fraction: share of head channels with RoPE (reference 0.5); 0 = no positions here.
+        rope_base: RoPE base.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 2,
+        num_experts: int = 4,
+        head_dim: int | None = None,
+        k: int = 2,
+        *,
+        dropout: float = 0.0,
+        expert_dropout: float = 0.0,
+        rotate_fraction: float = 0.5,
+        rope_base: float = 10000.0,
+        init_scale: float = 1.0,
+        backend: str = "auto",
+        aux_loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads, num_experts, head_dim, k, dropout=dropout, expert_dropout=expert_dropout,
+                         init_scale=init_scale, backend=backend, aux_loss_weights=aux_loss_weights)
+        self.rope = RotaryEmbedding(self.head_dim, rotate_fraction, rope_base)
+        self.reset_parameters(init_scale)
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal: bool = False,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """x: (B, T, dim) queries; memory: (B, S, dim) keys/values (default x, self-attention).
+
+        ``causal`` and ``key_padding_mask`` (B, S) as :func:`~moezoo.layers.attention.attention_mask`.
+        """
+        src = attention_source(type(self).__name__, x, memory, self.dim, self.dim)
+        q, k = self.queries_and_keys(x, src)
+        v, v_routing = self.values(src)
+        q = F.dropout(q, self.dropout, self.training)
+        q, k = self.rope(q, k)
+        mask = attention_mask(x.shape[0], x.shape[1], src.shape[1], causal, key_padding_mask, x.device)
+        res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)  # (B, H, T, d)
+        return self.outputs(res, x, v_routing)
+
+
+class SwitchHeadXLAttention(SwitchHeadCore):
+    """SwitchHead with Transformer-XL relative positions and the previous segment as memory:
+    ``forward(x: (B, T, dim), memory: (B, M, dim) | None) -> (B, T, dim)``.
+
+    The attention of the SwitchHead paper's main results, as the authors' training code has it
+    (``FullMoeRelativeAttention`` with ``q_expert=k_expert=False``, ``selection_mode="sigmoid"``).
+    Keys and values come from ``cat([memory, x])`` (S = M + T); the value experts are selected from
+    those source tokens, the output experts from x; query i sits at position M + i::
+
+        score(i, j) = q_i . k_j + q_i . r_{j - (M + i)},   r_p = W_pk (sinusoid(p) * d^-1/4)
+
+    with q and k each scaled by ``d^-1/4`` and the sinusoid of width ``dim``
+    (:func:`~moezoo.layers.relative_attention.sinusoidal_embedding`). No content/position biases
+    and a fixed scale (unlike :class:`~moezoo.layers.relative_attention.RelativeMultiHeadAttention`).
+    The causal mask hides keys j > M + i: the memory stays visible. ``dropout`` acts on k and on
+    the position keys, as in the reference. Memory is the caller's to keep (the reference LM feeds
+    the previous segment's detached layer input).
+
+    Extra parameter: ``pos_to_pk`` (H*d, dim), init N(0, s/sqrt(dim)) (the reference's name).
+    tests/layers/test_switchhead.py checks outputs and gradients against the reference
+    (tests/data/xl_references.md).
+
+    Args: see :class:`SwitchHeadCore` (``dropout``: on keys and position keys).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 2,
+        num_experts: int = 4,
+        head_dim: int | None = None,
+        k: int = 2,
+        *,
+        dropout: float = 0.0,
+        expert_dropout: float = 0.0,
+        init_scale: float = 1.0,
+        backend: str = "auto",
+        aux_loss_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__(dim, num_heads, num_experts, head_dim, k, dropout=dropout, expert_dropout=expert_dropout,
+                         init_scale=init_scale, backend=backend, aux_loss_weights=aux_loss_weights)
+        if dim % 2:
+            raise ValueError(f"SwitchHeadXLAttention: dim must be even (sin/cos channel pairs), got {dim}")
+        self.pos_to_pk = nn.Parameter(torch.empty(num_heads * self.head_dim, dim))
+        self.reset_parameters(init_scale)
+
+    @torch.no_grad()
+    def reset_parameters(self, init_scale: float = 1.0) -> None:
+        """:meth:`SwitchHeadCore.reset_parameters`, and ``pos_to_pk`` N(0, s/sqrt(dim))."""
+        super().reset_parameters(init_scale)
+        self.pos_to_pk.normal_(0.0, init_scale / math.sqrt(self.dim))
+
+    def forward(self, x: Tensor, memory: Tensor | None = None, *, causal: bool = True) -> Tensor:
+        """x: (B, T, dim) current segment; memory: (B, M, dim) earlier positions -> (B, T, dim)."""
+        if memory is not None and (memory.dim() != 3 or memory.shape[0] != x.shape[0] or memory.shape[-1] != self.dim):
+            raise ValueError(f"SwitchHeadXLAttention: memory must be (B={x.shape[0]}, M, {self.dim}), "
+                             f"got {tuple(memory.shape)}")
+        src = attention_source(type(self).__name__, x, None if memory is None else torch.cat([memory, x], 1),
+                               self.dim, self.dim)
+        (batch, tokens, _), keys = x.shape, src.shape[1]
+        mem_len = keys - tokens
+        q, k = self.queries_and_keys(x, src)
+        v, v_routing = self.values(src)
+        k = F.dropout(k, self.dropout, self.training)
+        positions = sinusoidal_embedding(relative_offsets(mem_len, tokens, x.device), self.dim).to(x.dtype)
+        r = F.linear(positions * self.head_dim ** -0.25, self.pos_to_pk)
+        r = F.dropout(r, self.dropout, self.training).view(-1, self.num_heads, self.head_dim).transpose(0, 1)
+        scores = q @ k.transpose(-1, -2) + relative_position_logits(q, r, mem_len)  # (B, H, T, S)
+        if causal:  # query i sits at M + i: the whole memory stays visible
+            scores = scores.masked_fill(~attention_mask(batch, tokens, keys, True, None, x.device), float("-inf"))
+        return self.outputs(F.softmax(scores, dim=-1) @ v, x, v_routing)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -26,6 +27,7 @@ __all__ = [
     "mean_importance_loss",
     "moa_cv_loss",
     "pooled_load_balancing_loss",
+    "process_log_mean_exp",
     "sparsity_l1_loss",
     "z_loss",
 ]
@@ -249,7 +251,30 @@ def moa_cv_loss(gates: Tensor) -> Tensor:
     return share.var() / (share.mean() ** 2 + 1e-10)
 
 
-def marginal_entropy_loss(logits: Tensor) -> Tensor:
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def process_log_mean_exp(x: Tensor) -> Tensor:
+    """``log(mean over the tokens of every process of exp(x))``: x (tokens, n) -> (n,), differentiable.
+
+    The sum is an autograd-aware all-reduce (its backward sums the processes' gradients), so after
+    data-parallel gradient averaging the gradient equals one process's on the union of the tokens.
+    Every process must call it at the same point. Without a process group it is the local value.
+    """
+    if not _distributed():
+        return torch.logsumexp(x, dim=0) - math.log(x.shape[0])
+    from torch.distributed.nn.functional import all_reduce
+
+    shift = x.detach().amax(dim=0)  # a constant for the gradient: log-sum-exp is shift-invariant
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    total = all_reduce((x - shift).exp().sum(dim=0), op=dist.ReduceOp.SUM)
+    count = torch.tensor(float(x.shape[0]), device=x.device)
+    dist.all_reduce(count)
+    return shift + total.log() - count.log()
+
+
+def marginal_entropy_loss(logits: Tensor, *, across_processes: bool = False) -> Tensor:
     """σ-MoE's entropy regulariser: ``-H(mean over tokens of softmax(logits))``.
 
     Computed in log space as the reference (log-softmax, then log-mean-exp over the tokens). It uses
@@ -258,6 +283,10 @@ def marginal_entropy_loss(logits: Tensor) -> Tensor:
 
     Args:
         logits: (..., tokens, experts) raw selection logits; one marginal per leading index.
+        across_processes: the marginal over the tokens of every process (the reference's
+            ``perplexity_reg_mode="global"`` with ``sync_distributed``, which all-reduces the
+            log-sum-exp); needs (tokens, experts) logits and every process calling at the same point
+            (:func:`process_log_mean_exp`). Local without a process group.
 
     Returns:
         0-dim: the mean over leading indices of the negative marginal entropy (nats).
@@ -265,6 +294,11 @@ def marginal_entropy_loss(logits: Tensor) -> Tensor:
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., tokens, experts), got shape {tuple(logits.shape)}")
     log_p = torch.log_softmax(logits.float(), dim=-1)
-    log_marginal = torch.logsumexp(log_p, dim=-2) - math.log(log_p.shape[-2])
+    if across_processes:
+        if logits.dim() != 2:
+            raise ValueError(f"across_processes needs logits of shape (tokens, experts), got {tuple(logits.shape)}")
+        log_marginal = process_log_mean_exp(log_p)
+    else:
+        log_marginal = torch.logsumexp(log_p, dim=-2) - math.log(log_p.shape[-2])
     entropy = -(log_marginal.exp() * log_marginal).sum(-1)
     return -entropy.mean()

@@ -42,7 +42,10 @@ class SigmaMoERouter(Router):
     equal norm keeping the overall std.
 
     Losses (unweighted): ``entropy_reg`` = :func:`marginal_entropy_loss` of the selection logits of
-    this forward (the paper's γ: 1e-3 for WikiText-103, 1e-4 in the SwitchAll configs).
+    this forward (the paper's γ: 1e-3 for WikiText-103, 1e-4 in the SwitchAll configs). In training
+    under torch.distributed the marginal is over the tokens of **every process**, as the reference
+    (``perplexity_reg_mode="global"``, ``sync_distributed``): every process must route at the same
+    point (they do under DDP/FSDP); in evaluation, where the loss is unused, it is per process.
 
     Args:
         dim: input feature size.
@@ -74,4 +77,4 @@ class SigmaMoERouter(Router):
         token, expert, weight = RF.sigmoid_top_k(torch.sigmoid(logits), self.k,
                                                  dropout=self.expert_dropout if self.training else 0.0)
         return self.finish(token, expert, weight, num_tokens, logits=logits, probs=torch.softmax(logits, dim=-1),
-                           losses={"entropy_reg": marginal_entropy_loss(logits)})
+                           losses={"entropy_reg": marginal_entropy_loss(logits, across_processes=self.training)})

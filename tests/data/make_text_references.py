@@ -19,7 +19,8 @@ Run from the repository root (the interpreter flag must be set before Triton is 
         --moa /work/refs/MoA --switchhead /work/refs/switchhead --out tests/data
 
 Per case: `torch.manual_seed(seed)`, build the layer (its own init), [MoA: replace the zero gate
-by 0.7 N(0,1)], draw the input(s), run the layer, draw the cotangent with `torch.randn_like(out)`
+by 0.7 N(0,1), and for noisy gating the zero noise weights by 0.5 N(0,1)], draw the input(s), [MoA in
+training: store the generator state], run the layer, draw the cotangent with `torch.randn_like(out)`
 (it keeps out's strides, so the draw order follows out's memory layout), backpropagate.
 """
 
@@ -38,11 +39,19 @@ from reference_shims import triton_single_autotune_config  # tests/data/, beside
 
 MOA_WEIGHTS = {"cv": 0.1, "switch": 0.01, "z": 0.001}
 MOA_GATE_STD = 0.7  # the zero-initialised gate would tie every top-k
-# name: (seed, dim, experts, k, head_dim, tokens, batch, memory length or None for self-attention)
+MOA_NOISE_STD = 0.5  # the zero-initialised noise weights would make the noise constant
+# name: (seed, dim, experts, k, head_dim, tokens, batch, memory length or None for self-attention[,
+# options: train (training mode), noisy (--gating noisy), sample_topk, query_lengths / key_lengths
+# (padding masks: True after each sequence's length), causal (default: self-attention only)])
 MOA_CASES = {
     "self_causal": (0, 16, 6, 3, 8, 7, 2, None),
     "self_causal_k1": (1, 12, 3, 1, 12, 5, 3, None),
     "cross": (2, 16, 4, 2, 8, 5, 2, 6),
+    "noisy_train": (3, 16, 6, 3, 8, 7, 2, None, {"train": True, "noisy": True}),
+    "sampled_topk_train": (4, 16, 6, 3, 8, 7, 2, None, {"train": True, "sample_topk": 1}),
+    "query_padding": (5, 12, 4, 2, 6, 6, 3, None, {"query_lengths": [6, 4, 2], "key_lengths": [6, 4, 2],
+                                                   "causal": False}),
+    "cross_padding": (6, 16, 4, 2, 8, 5, 2, 7, {"query_lengths": [5, 3], "key_lengths": [7, 4]}),
 }
 # name: (seed, dim, heads, experts, k, head_dim, batch, tokens, rotate_fraction)
 SWITCHHEAD_CASES = {
@@ -92,46 +101,81 @@ def arrays(named: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {name: t.detach().numpy().copy() for name, t in named.items()}
 
 
-def moa_case(attention_cls, seed, dim, experts, k, head_dim, tokens, batch, memory_len):
+def padding(lengths: list[int] | None, total: int) -> torch.Tensor | None:
+    """(B, total) bool, True at the positions after each sequence's length (fairseq's padding mask)."""
+    if lengths is None:
+        return None
+    return torch.arange(total)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+def spy_losses(moe) -> dict[str, torch.Tensor]:
+    """Record each loss the reference's gating computes (coefficient 1), from its own inputs."""
+    seen = {}
+    for name, method in (("loss_cv", "compute_cvloss"), ("loss_switch", "compute_switchloss"),
+                         ("loss_z", "compute_zloss")):
+        original = getattr(moe, method)
+
+        def spy(*args, original=original, name=name):
+            value = original(*args)
+            seen[name] = value.detach() if torch.is_tensor(value) else torch.tensor(float(value))
+            return value
+
+        setattr(moe, method, spy)  # an instance attribute: the class and its code are untouched
+    return seen
+
+
+def moa_case(attention_cls, seed, dim, experts, k, head_dim, tokens, batch, memory_len, options=None):
+    options = options or {}
     torch.manual_seed(seed)
     cross = memory_len is not None
+    train = options.get("train", False)
     layer = attention_cls(dim, k, self_attention=not cross, encoder_decoder_attention=cross,
                           num_expert=experts, head_dim=head_dim, cvloss=MOA_WEIGHTS["cv"],
                           switchloss=MOA_WEIGHTS["switch"], zloss=MOA_WEIGHTS["z"],
-                          sample_topk=0, noisy_gating=False).eval()
+                          sample_topk=options.get("sample_topk", 0),
+                          noisy_gating=options.get("noisy", False)).train(train)
     moe = layer.q_proj
     with torch.no_grad():
         moe.w_gate.copy_(MOA_GATE_STD * torch.randn_like(moe.w_gate))
+        if moe.noisy_gating:
+            moe.w_noise.copy_(MOA_NOISE_STD * torch.randn_like(moe.w_noise))
     x = torch.randn(tokens, batch, dim, requires_grad=True)
     inputs = {"x": x}
+    query_mask = padding(options.get("query_lengths"), tokens)
+    key_mask = padding(options.get("key_lengths"), memory_len if cross else tokens)
+    losses = spy_losses(moe)
     if cross:
         memory = torch.randn(memory_len, batch, dim, requires_grad=True)
         inputs["memory"] = memory
-        out, _, aux = layer(x, memory, memory)
+        rng = torch.get_rng_state()
+        out, _, aux = layer(x, memory, memory, query_padding_mask=query_mask, key_padding_mask=key_mask)
     else:
-        mask = torch.triu(torch.full((tokens, tokens), float("-inf")), 1)
-        out, _, aux = layer(x, x, x, attn_mask=mask)
+        causal = options.get("causal", True)
+        mask = torch.triu(torch.full((tokens, tokens), float("-inf")), 1) if causal else None
+        rng = torch.get_rng_state()
+        out, _, aux = layer(x, x, x, attn_mask=mask, query_padding_mask=query_mask, key_padding_mask=key_mask)
     r = torch.randn_like(out)
     params = {"gate": moe.w_gate, "w_q": moe.experts.w, "w_o": moe.output_experts.w,
               "k_proj": layer.k_proj.weight, "v_proj": layer.v_proj.weight}
+    if moe.noisy_gating:
+        params["noise"] = moe.w_noise
     ((out * r).sum() + aux).backward()
-
-    # Each loss alone (coefficient 1), from the routing of that same forward.
-    probs = torch.softmax(x.detach().transpose(0, 1).reshape(-1, dim) @ moe.w_gate.detach(), 1)
-    gates = torch.zeros_like(probs).scatter(1, *reversed(probs.topk(moe.k, dim=1)))
-    logits = x.detach().transpose(0, 1).reshape(-1, dim) @ moe.w_gate.detach()
-    losses = {"loss_cv": moe.compute_cvloss(gates),
-              "loss_switch": moe.compute_switchloss(probs, moe.expert_size),
-              "loss_z": moe.compute_zloss(logits)}
 
     out_arrays = {**arrays(inputs), "out": out.detach().numpy().copy(), "r": r.numpy().copy(),
                   "aux_weighted": np.float64(aux.item())}
     out_arrays.update(arrays(params))
     out_arrays.update({f"grad_{n}": t.grad.numpy().copy() for n, t in {**inputs, **params}.items()})
     out_arrays.update({n: np.float64(v.item()) for n, v in losses.items()})
+    if train:
+        out_arrays["rng_state"] = rng.numpy().copy()
+    for name, mask in (("query_padding_mask", query_mask), ("key_padding_mask", key_mask)):
+        if mask is not None:
+            out_arrays[name] = mask.numpy().copy()
     meta = {"dim": dim, "num_experts": experts, "k": k, "head_dim": head_dim, "tokens": tokens,
             "batch": batch, "memory": memory_len, "weights": MOA_WEIGHTS,
-            "layout": "time-major (T, B, D) like fairseq"}
+            "layout": "time-major (T, B, D) like fairseq", "train": train,
+            "noisy": bool(moe.noisy_gating), "sample_topk": options.get("sample_topk", 0),
+            "causal": (not cross) and options.get("causal", True)}
     return out_arrays, meta
 
 

@@ -23,11 +23,13 @@ META = json.loads(str(REFERENCE["meta"]))
 
 def _layer_from_reference(case: str) -> tuple[MixtureOfAttentionHeads, dict]:
     m = META[case]
-    ref = {k.split("/", 1)[1]: torch.tensor(REFERENCE[k], dtype=torch.float32)
-           for k in REFERENCE.files if k.startswith(case + "/")}
-    layer = MixtureOfAttentionHeads(m["dim"], m["num_experts"], m["k"], m["head_dim"]).eval()
+    ref = {k.split("/", 1)[1]: torch.tensor(REFERENCE[k]) for k in REFERENCE.files if k.startswith(case + "/")}
+    layer = MixtureOfAttentionHeads(m["dim"], m["num_experts"], m["k"], m["head_dim"], noisy_gating=m.get("noisy", False),
+                                    sample_topk=m.get("sample_topk", 0)).train(m.get("train", False))
     with torch.no_grad():
         layer.router.gate.weight.copy_(ref["gate"].t())
+        if "noise" in ref:
+            layer.router.noise.weight.copy_(ref["noise"].t())
         layer.w_q.copy_(ref["w_q"])
         layer.w_o.copy_(ref["w_o"])
         layer.k_proj.weight.copy_(ref["k_proj"])
@@ -37,28 +39,57 @@ def _layer_from_reference(case: str) -> tuple[MixtureOfAttentionHeads, dict]:
 
 @pytest.mark.parametrize("case", sorted(META))
 def test_matches_the_official_moa_layer(case):
+    """Eval and training (noisy gating: z-loss on the noisy logits; sampled top-k), query and key
+    padding masks: outputs (padded queries: zero), each loss, and every gradient."""
     layer, ref = _layer_from_reference(case)
-    cross = META[case]["memory"] is not None
+    m = META[case]
+    cross = m["memory"] is not None
     # The reference is time-major (T, B, D).
     x = ref["x"].transpose(0, 1).contiguous().requires_grad_(True)
     memory = ref["memory"].transpose(0, 1).contiguous().requires_grad_(True) if cross else None
-    out = layer(x, memory, causal=not cross)
-    torch.testing.assert_close(out.transpose(0, 1), ref["out"], atol=2e-6, rtol=1e-5)
+    if "rng_state" in ref:  # the reference's generator state at its forward: the same noise and samples
+        torch.set_rng_state(ref["rng_state"])
+    out = layer(x, memory, causal=m.get("causal", not cross), key_padding_mask=ref.get("key_padding_mask"),
+                query_padding_mask=ref.get("query_padding_mask"))
+    torch.testing.assert_close(out.transpose(0, 1), ref["out"].float(), atol=2e-6, rtol=1e-5)
     losses = layer.last_losses
-    torch.testing.assert_close(losses["load_balancing"], ref["loss_switch"], atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(losses["z_loss"], ref["loss_z"], atol=1e-5, rtol=1e-6)
-    torch.testing.assert_close(losses["cv"], ref["loss_cv"], atol=1e-6, rtol=1e-5)
-    w = META[case]["weights"]
+    torch.testing.assert_close(losses["load_balancing"], ref["loss_switch"].float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(losses["z_loss"], ref["loss_z"].float(), atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(losses["cv"], ref["loss_cv"].float(), atol=1e-6, rtol=1e-5)
+    w = m["weights"]
     aux = aux_loss(layer, {"cv": w["cv"], "load_balancing": w["switch"], "z_loss": w["z"]})
-    torch.testing.assert_close(aux, ref["aux_weighted"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(aux, ref["aux_weighted"].float(), atol=1e-6, rtol=1e-5)
     ((out.transpose(0, 1) * ref["r"]).sum() + aux).backward()
     torch.testing.assert_close(x.grad.transpose(0, 1), ref["grad_x"], atol=5e-6, rtol=1e-4)
     if cross:
         torch.testing.assert_close(memory.grad.transpose(0, 1), ref["grad_memory"], atol=5e-6, rtol=1e-4)
     grads = {"gate": layer.router.gate.weight.grad.t(), "w_q": layer.w_q.grad, "w_o": layer.w_o.grad,
              "k_proj": layer.k_proj.weight.grad, "v_proj": layer.v_proj.weight.grad}
+    if "noise" in ref:
+        grads["noise"] = layer.router.noise.weight.grad.t()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref["grad_" + name], atol=5e-6, rtol=1e-4, msg=name)
+
+
+def test_noisy_training_z_loss_is_on_the_noisy_logits_and_padded_queries_route_nowhere():
+    torch.manual_seed(0)
+    router = MoARouter(8, 4, 2, noisy=True).train()
+    with torch.no_grad():
+        router.gate.weight.normal_()
+        router.noise.weight.normal_()
+    x = torch.randn(10, 8)
+    state = torch.get_rng_state()
+    routing = router(x)
+    torch.set_rng_state(state)
+    clean = x @ router.gate.weight.t()
+    noisy = clean + torch.randn_like(clean) * (F.softplus(x @ router.noise.weight.t()) + 1e-2)
+    torch.testing.assert_close(routing.losses["z_loss"], torch.logsumexp(noisy, -1).pow(2).mean())
+    padded = torch.zeros(10, dtype=torch.bool)
+    padded[7:] = True
+    routing = router.eval()(x, padding_mask=padded)
+    assert set(routing.token.tolist()) == set(range(7)) and routing.num_assignments == 14
+    with pytest.raises(ValueError, match="sample_topk must be <= k=2"):
+        MoARouter(8, 4, 2, sample_topk=3)
 
 
 def naive_moa(layer: MixtureOfAttentionHeads, x: torch.Tensor, causal: bool) -> torch.Tensor:

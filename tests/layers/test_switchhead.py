@@ -1,5 +1,6 @@
 """SwitchHeadAttention: the official SwitchHead layer (Triton CVMM) outputs and gradients (fixture), a naive
-per-head loop, reduction to standard multi-head attention, causal masking, the selector, expert_linear."""
+per-head loop, reduction to standard multi-head attention, causal masking, the selector, expert_linear.
+SwitchHeadXLAttention: the authors' training-code layer with Transformer-XL positions and memory (fixture)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,18 @@ from conftest import DATA
 
 from moezoo.kernels import expert_linear
 from moezoo.layers import routing_stats
-from moezoo.layers.switchhead import SwitchHeadAttention
+from moezoo.layers.switchhead import SwitchHeadAttention, SwitchHeadXLAttention
 from moezoo.routers.routing import Routing
 from moezoo.routers.switchhead import SwitchHeadSelector, renorm_rows_
 
 REFERENCE = np.load(DATA / "text_switchhead_reference.npz")
 META = json.loads(str(REFERENCE["meta"]))
+XL = np.load(DATA / "xl_attention_reference.npz")
+XL_META = json.loads(str(XL["meta"]))
+#: The reference's parameter names -> ours (SwitchHeadXLAttention's docstring).
+XL_NAMES = {"projections.q": "q.weight", "projections.k": "k_proj.weight", "projections.v": "v_experts.weight",
+            "projections.o": "o_experts.weight", "selections.v": "sel_v.gate.weight",
+            "selections.o": "sel_o.gate.weight", "pos_to_pk": "pos_to_pk"}
 
 
 @pytest.mark.parametrize("case", sorted(META))
@@ -51,6 +58,36 @@ def test_matches_the_official_switchhead_layer(case):
                       "o": layer.o.grad.reshape(heads * d, dim).t()})
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref["grad_" + name], atol=5e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("case", ["switchhead_memory", "switchhead_no_memory"])
+def test_xl_variant_matches_the_authors_training_code(case):
+    m = XL_META[case]
+    ref = {k.split("/", 1)[1]: torch.tensor(XL[k]) for k in XL.files if k.startswith(case + "/")}
+    layer = SwitchHeadXLAttention(m["dim"], m["heads"], m["experts"], m["head_dim"], m["k"]).eval()
+    layer.load_state_dict({ours: ref[theirs] for theirs, ours in XL_NAMES.items()})
+    x = ref["x"].clone().requires_grad_(True)
+    memory = ref["memory"].clone().requires_grad_(True) if m["memory"] else None
+    out = layer(x, memory)
+    torch.testing.assert_close(out, ref["out"], atol=1e-6, rtol=1e-5)
+    (out * ref["r"]).sum().backward()
+    torch.testing.assert_close(x.grad, ref["grad_x"], atol=1e-6, rtol=1e-5)
+    if memory is not None:
+        torch.testing.assert_close(memory.grad, ref["grad_memory"], atol=1e-6, rtol=1e-5)
+    params = dict(layer.named_parameters())
+    for theirs, ours in XL_NAMES.items():
+        torch.testing.assert_close(params[ours].grad, ref["grad_" + theirs], atol=1e-6, rtol=1e-5, msg=theirs)
+
+
+def test_xl_memory_equals_attending_over_the_concatenated_sequence():
+    # Relative positions only: the last T queries of [memory, x] see the same keys at the same distances.
+    torch.manual_seed(0)
+    layer = SwitchHeadXLAttention(12, num_heads=2, num_experts=3, head_dim=6, k=2).eval()
+    memory, x = torch.randn(2, 4, 12), torch.randn(2, 3, 12)
+    full = layer(torch.cat([memory, x], 1))[:, -3:]
+    torch.testing.assert_close(layer(x, memory), full, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="memory must be"):
+        layer(x, torch.randn(1, 4, 12))
 
 
 def naive_switchhead(layer: SwitchHeadAttention, x, memory, causal, key_padding_mask=None):

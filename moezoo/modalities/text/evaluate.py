@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from moezoo.layers.routed import routed_layers
 from moezoo.modalities.text.data import TextDataModule
+from moezoo.modalities.text.segments import SegmentTextDataModule
 from moezoo.modalities.text.task import lm_loss
 
 __all__ = ["evaluate_lm", "evaluate_pydoc", "forward_macs"]
@@ -43,9 +44,11 @@ def evaluate_lm(model: nn.Module, datamodule: TextDataModule, split: str = "val"
 
 def evaluate_pydoc(model: nn.Module) -> dict[str, float]:
     """:func:`evaluate_lm` on the built-in corpus' validation split, byte-level, with the model's
-    context length (``model.context_length``, default 128) and batches of 16 windows."""
+    context length (``model.context_length``, default 128) and batches of 16 windows; for a model
+    with segment memory (``memory_length > 0``) 16 streams of consecutive segments."""
     context = getattr(model, "context_length", 128)
-    return evaluate_lm(model, TextDataModule("pydoc_topics", "bytes", context, eval_batch_size=16), "val")
+    data = SegmentTextDataModule if getattr(model, "memory_length", 0) else TextDataModule
+    return evaluate_lm(model, data("pydoc_topics", "bytes", context, eval_batch_size=16), "val")
 
 
 @torch.no_grad()

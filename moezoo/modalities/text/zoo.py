@@ -6,7 +6,7 @@ from moezoo.modalities.text.model import TransformerLM
 from moezoo.zoo.registry import register_model, shipped_weights
 
 #: Shared by the tiny entries: byte vocabulary, width 128, 4 blocks, context 128 (configs/text/lm_*_pydoc.yaml).
-TINY = dict(vocab_size=256, dim=128, depth=4, context_length=128)
+TINY = dict(vocab_size=256, dim=128, depth=4, context_length=128, mlp_bias=False, head_bias=False)
 
 TINY_ENTRIES = {
     "lm_dense_pydoc": (
@@ -88,47 +88,51 @@ for name, (description, args, architecture, tags) in TINY_ENTRIES.items():
         **args,
     )
 
-#: The SwitchHead paper's small scale (~47M, RobertCsordas/moe_attention sweeps): width 412, 16 pre-LN
-#: layers, context 256, SentencePiece 8k vocabulary, dropout 0.1. Positions: the reference's RoPE
-#: variant (half of each head rotated) instead of the paper tables' Transformer-XL encoding.
-PAPER_SMALL = dict(vocab_size=8000, dim=412, depth=16, context_length=256, dropout=0.1, rotate_fraction=0.5)
+#: The SwitchHead/σ-MoE papers' scales as the authors' sweeps have them (configs/text/*_47m_*.yaml,
+#: *_262m_*.yaml cite each sweep): pre-LN, SentencePiece 8k vocabulary, Transformer-XL relative positions
+#: with the previous segment as memory; small: width 412, 16 layers, context 256, dropout 0.1; big: width
+#: 1024, 18 layers, context 512, dropout 0.2. No weights (the papers released none).
+PAPER_SMALL = dict(vocab_size=8000, dim=412, depth=16, context_length=256, dropout=0.1, positions="xl",
+                   memory_length=256)
+PAPER_BIG = dict(vocab_size=8000, dim=1024, depth=18, context_length=512, dropout=0.2, positions="xl",
+                 memory_length=512)
 
-register_model(
-    "transformer_47m_wt103",
-    TransformerLM,
-    modality="text",
-    description="Dense baseline of the SwitchHead/sigma-MoE papers' 47M WikiText-103 scale (10 heads x 41, d_ff 2053)",
-    attention="dense", num_heads=10, head_dim=41, mlp="dense", mlp_hidden=2053, **PAPER_SMALL,
-)
-register_model(
-    "switchhead_47m_wt103",
-    TransformerLM,
-    modality="text",
-    description="SwitchHead at the paper's 47M WikiText-103 scale (2 heads x 76, E=5, k=2, d_ff 2080)",
-    attention="switchhead", num_heads=2, head_dim=76, attention_experts=5, attention_k=2, mlp="dense",
-    mlp_hidden=2080, **PAPER_SMALL,
-)
-register_model(
-    "switchhead_47m_c4",
-    TransformerLM,
-    modality="text",
-    description="SwitchHead at the paper's 47M C4 scale (2 heads x 76, E=5, k=3, d_ff 2080)",
-    attention="switchhead", num_heads=2, head_dim=76, attention_experts=5, attention_k=3, mlp="dense",
-    mlp_hidden=2080, **PAPER_SMALL,
-)
-register_model(
-    "sigma_moe_47m_wt103",
-    TransformerLM,
-    modality="text",
-    description="sigma-MoE at the paper's 47M WikiText-103 scale (dense attention 10 x 41; E=16, G=128, K=4, gamma 1e-3)",
-    attention="dense", num_heads=10, head_dim=41, mlp="sigma_moe", mlp_experts=16, mlp_hidden=128, mlp_k=4,
-    sigma_moe_entropy=1e-3, **PAPER_SMALL,
-)
-register_model(
-    "switchall_47m_wt103",
-    TransformerLM,
-    modality="text",
-    description="SwitchAll (SwitchHead + sigma-MoE MLP) at the 47M WikiText-103 scale (E=16, G=128, K=4, gamma 1e-4)",
-    attention="switchhead", num_heads=2, head_dim=76, attention_experts=5, attention_k=2, mlp="sigma_moe",
-    mlp_experts=16, mlp_hidden=128, mlp_k=4, sigma_moe_entropy=1e-4, **PAPER_SMALL,
-)
+PAPER_ENTRIES = {
+    "transformer_47m_wt103": (
+        "Dense Transformer-XL baseline of the SwitchHead/sigma-MoE papers' 47M WikiText-103 scale (10 heads x 41, d_ff 2053)",
+        dict(attention="dense", num_heads=10, head_dim=41, mlp="dense", mlp_hidden=2053, **PAPER_SMALL)),
+    "switchhead_47m_wt103": (
+        "SwitchHead at the paper's 47M WikiText-103 scale (2 heads x 76, E=5, k=2, d_ff 2080)",
+        dict(attention="switchhead", num_heads=2, head_dim=76, attention_experts=5, attention_k=2, mlp="dense",
+             mlp_hidden=2080, **PAPER_SMALL)),
+    "switchhead_47m_c4": (
+        "SwitchHead at the paper's 47M C4 scale (2 heads x 76, E=5, k=3, d_ff 2080)",
+        dict(attention="switchhead", num_heads=2, head_dim=76, attention_experts=5, attention_k=3, mlp="dense",
+             mlp_hidden=2080, **PAPER_SMALL)),
+    "sigma_moe_47m_wt103": (
+        "sigma-MoE at the paper's 47M WikiText-103 scale (dense XL attention 10 x 41; E=16, G=128, K=4, gamma 1e-3)",
+        dict(attention="dense", num_heads=10, head_dim=41, mlp="sigma_moe", mlp_experts=16, mlp_hidden=128, mlp_k=4,
+             sigma_moe_entropy=1e-3, **PAPER_SMALL)),
+    "switchall_47m_wt103": (
+        "SwitchAll (SwitchHead + sigma-MoE MLP) at the 47M WikiText-103 scale (E=16, G=128, K=4, gamma 1e-4)",
+        dict(attention="switchhead", num_heads=2, head_dim=76, attention_experts=5, attention_k=2, mlp="sigma_moe",
+             mlp_experts=16, mlp_hidden=128, mlp_k=4, sigma_moe_entropy=1e-4, **PAPER_SMALL)),
+    "transformer_262m_wt103": (
+        "Dense Transformer-XL baseline of the SwitchHead paper's 262M WikiText-103 scale (16 heads x 64, d_ff 4110)",
+        dict(attention="dense", num_heads=16, head_dim=64, mlp="dense", mlp_hidden=4110, **PAPER_BIG)),
+    "switchhead_262m_wt103": (
+        "SwitchHead at the paper's 262M WikiText-103 scale (2 heads x 132, E=8, k=4, d_ff 4147)",
+        dict(attention="switchhead", num_heads=2, head_dim=132, attention_experts=8, attention_k=4, mlp="dense",
+             mlp_hidden=4147, **PAPER_BIG)),
+    "switchhead_262m_c4": (
+        "SwitchHead at the paper's 262M C4 scale, the abstract's model (4 heads x 112, E=4, k=2, d_ff 4188)",
+        dict(attention="switchhead", num_heads=4, head_dim=112, attention_experts=4, attention_k=2, mlp="dense",
+             mlp_hidden=4188, **PAPER_BIG)),
+    "sigma_moe_262m_wt103": (
+        "sigma-MoE at the paper's 262M WikiText-103 scale (dense XL attention 16 x 64; E=32, G=128, K=4, expert dropout 0.1)",
+        dict(attention="dense", num_heads=16, head_dim=64, mlp="sigma_moe", mlp_experts=32, mlp_hidden=128, mlp_k=4,
+             mlp_expert_dropout=0.1, sigma_moe_entropy=1e-3, **PAPER_BIG)),
+}
+
+for name, (description, args) in PAPER_ENTRIES.items():
+    register_model(name, TransformerLM, modality="text", description=description, **args)
