@@ -131,8 +131,8 @@ def check_agreement(layers: dict[str, nn.Module], calls: dict[str, Callable[[Ten
     for name in runs:
         ref_out, ref_grad = results["moezoo_experts" if name.endswith("_experts") else "moezoo"]
         out, x_grad = results[name]
-        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} output: {m}")
-        torch.testing.assert_close(x_grad, ref_grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name} grad: {m}")
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name} output: {m}")
+        torch.testing.assert_close(x_grad, ref_grad, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name} grad: {m}")
         diffs[name] = max((out - ref_out).abs().max().item(), (x_grad - ref_grad).abs().max().item())
     torch.testing.assert_close(results["moezoo"][0], results["moezoo_experts"][0], rtol=1e-4, atol=1e-5)
     return diffs
@@ -212,7 +212,7 @@ def bench_case(tokens: int, dim: int, hidden: int, experts: int, k: int, args: a
         times, slow = interleaved({name: make(name) for name in runs}, args.repeats, args.warmup, args.max_slowdown)
         median = {name: statistics.median(t) for name, t in times.items()} | slow
 
-        def ratio(name: str, ref: str) -> float:
+        def ratio(name: str, ref: str, times: dict = times, median: dict = median) -> float:
             if name in times and ref in times:
                 return statistics.median(a / b for a, b in zip(times[name], times[ref]))
             return median[name] / median[ref]

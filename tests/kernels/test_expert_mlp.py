@@ -197,7 +197,7 @@ def test_grouped_path_edge_assignments(experts, gated, bias, activation, two_lay
         if ref_grad is None:
             assert grads[name] is None
             continue
-        torch.testing.assert_close(grads[name], ref_grad, rtol=0, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], ref_grad, rtol=0, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
     if experts == 4:
         for name in ("w_in", "b_in", "w_out", "b_out"):
             if grads.get(name) is not None:  # experts 0 and 3 saw no rows: exactly zero gradients

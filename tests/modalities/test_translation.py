@@ -169,7 +169,7 @@ def test_translation_model_trains_on_the_built_in_pairs():
                            attention_dropout=0.0, activation_dropout=0.0, padding_idx=dm.pad_id).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for step, batch in zip(range(30), dm.train_dataloader()):
+    for _, batch in zip(range(30), dm.train_dataloader()):
         logits = model(batch["source"], batch["target_in"])
         loss = F.cross_entropy(logits.reshape(-1, dm.vocab_size), batch["target_out"].reshape(-1), ignore_index=dm.pad_id)
         optimizer.zero_grad()

@@ -44,7 +44,7 @@ def evaluate_digits(model: nn.Module) -> dict[str, float]:
 def evaluate_image_folder(model: nn.Module, data_dir: str | None = None, *, split: str = "val",
                           batch_size: int = 64, num_workers: int = 0) -> dict[str, float]:
     """:func:`evaluate_classifier` on an ImageFolder tree (``data_dir/val/<class>/*.JPEG``, e.g.
-    ILSVRC2012) with the model's own preprocessing: its ``pretrained_cfg.input_spec`` (a vmoe
+    ILSVRC2012) with the model's own preprocessing: its ``moezoo_cfg.input_spec`` (a vmoe
     entry's: resolution, resizing as its config, pixels in [-1, 1]).
 
     Batches of ``batch_size`` images form the routing groups, so keep it a multiple of the
@@ -53,10 +53,10 @@ def evaluate_image_folder(model: nn.Module, data_dir: str | None = None, *, spli
     if not data_dir:
         raise ValueError("evaluate_image_folder needs data_dir: a folder holding val/<class>/<images> "
                          "(moezoo zoo eval NAME --data-dir DIR)")
-    cfg = getattr(model, "pretrained_cfg", None)
+    cfg = getattr(model, "moezoo_cfg", None)
     spec = getattr(cfg, "input_spec", None) or {}
     if "image_size" not in spec:
-        raise ValueError("evaluate_image_folder: the model has no pretrained_cfg.input_spec with an image_size")
+        raise ValueError("evaluate_image_folder: the model has no moezoo_cfg.input_spec with an image_size")
     channels = spec.get("channels", 3)
     datamodule = ImageDataModule(
         "folder", root=data_dir, image_size=spec["image_size"], batch_size=batch_size, num_workers=num_workers,
