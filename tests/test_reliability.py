@@ -183,6 +183,7 @@ def _fit(tmp: Path, *extra: str, precision: str = "32-true") -> subprocess.Compl
     )
 
 
+@pytest.mark.slow  # two 60-step fits
 def test_bf16_training_has_no_nan_and_tracks_fp32(tmp_path):
     steps = ["--trainer.max_steps", "30", "--trainer.enable_checkpointing", "true",
              "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -215,6 +216,7 @@ trainer:
 """
 
 
+@pytest.mark.slow  # three fits in subprocesses, one killed (~2 min on 2 cores)
 def test_killed_fit_resumes_to_the_same_weights_and_metrics(tmp_path):
     """Kill `moezoo fit` mid-epoch (19 batches per epoch), resume from its last checkpoint, and end
     where an uninterrupted run ends: same weights (bit for bit), optimiser state, schedule and metrics."""

@@ -237,8 +237,15 @@ TASK_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("config", sorted(TASK_CONFIGS), ids=lambda c: Path(c).stem)
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+# Each case is a 2-process Lightning fit (~40 s on 2 cores): the default suite runs DDP on V-MoE and
+# FSDP on Time-MoE; `-m slow` runs every config under both strategies.
+_DEFAULT_FITS = {("ddp", "vmoe_ti_digits"), ("fsdp", "time_moe_tiny")}
+
+
+@pytest.mark.parametrize("strategy,config", [
+    pytest.param(s, c, id=f"{s}-{Path(c).stem}",
+                 marks=[] if (s, Path(c).stem) in _DEFAULT_FITS else pytest.mark.slow)
+    for s in sorted(STRATEGIES) for c in sorted(TASK_CONFIGS)])
 def test_two_process_fit_under_lightning_strategies(tmp_path, strategy, config):
     result = run_fit(tmp_path, config, *STRATEGIES[strategy], "--trainer.enable_checkpointing", "false", *TASK_CONFIGS[config])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -349,7 +356,7 @@ def _clip_worker(rank: int, world: int, port: int, size: int) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_expert_parallel_clips_by_the_whole_models_gradient_norm(world):
     mp.spawn(_clip_worker, args=(world, free_port(), 2), nprocs=world, join=True)
 
