@@ -4,11 +4,10 @@ Always correct, on any device and float dtype. Two ways to run it:
 
 * CUDA bf16 on Hopper/Blackwell (:func:`grouped_mm_available`): one ``torch._grouped_mm`` per
   projection over all expert-sorted rows, autograd for the backward, no host synchronisation.
-* Everywhere else, :class:`_ExpertMLP`: one expert at a time over its slice of the sorted
-  assignments, forward and a hand-written backward. Every temporary is one expert's rows, so it
-  stays in cache and is served by the allocator's free lists, and every gradient is one buffer
-  that the per-expert GEMMs write into (autograd through per-expert slices would instead give
-  each expert a full-size zero gradient of ``x`` and of the weight stack).
+* Everywhere else, :class:`_ExpertMLP`: the rows gathered once in expert order, one expert at a
+  time over its slice of them, one scatter back; forward and a hand-written backward. Every
+  gradient is one buffer that the per-expert GEMMs write into (autograd through per-expert slices
+  would instead give each expert a full-size zero gradient of ``x`` and of the weight stack).
 """
 
 from __future__ import annotations
@@ -120,15 +119,17 @@ class _ExpertMLP(torch.autograd.Function):
             keep = [torch.empty(token.numel(), n, dtype=torch.bool, device=x.device).bernoulli_(1 - dropout)
                     for n in (hidden, dim_out)]
         scale = 1.0 / (1.0 - dropout)
-        out = x.new_zeros(x.shape[0], dim_out)
+        # One gather and one scatter for all experts: each CPU index_add_ call costs a near-fixed
+        # ~15 ms at 4096 x 512 (benchmarks/moe_layer.py), so per-expert scatters dominated at E=64.
+        xs = x.index_select(0, token)
+        ys = x.new_empty(token.numel(), dim_out)
         start = 0
         for e, n in enumerate(sizes):
             rows = slice(start, start + n)
             start += n
             if n == 0:
                 continue
-            tok = token[rows]
-            z = _linear(x.index_select(0, tok), w_in[e], None if b_in is None else b_in[e],
+            z = _linear(xs[rows], w_in[e], None if b_in is None else b_in[e],
                         out=None if z_all is None else z_all[rows])
             y = _hidden(z, activation, gated)
             if keep is not None:
@@ -137,7 +138,8 @@ class _ExpertMLP(torch.autograd.Function):
                 y = _linear(y, w_out[e], None if b_out is None else b_out[e])
             if keep is not None:
                 y.mul_(keep[1][rows]).mul_(scale)
-            out.index_add_(0, tok, y.mul_(weight[rows].unsqueeze(1)))
+            torch.mul(y, weight[rows].unsqueeze(1), out=ys[rows])
+        out = x.new_zeros(x.shape[0], dim_out).index_add_(0, token, ys)
         ctx.save_for_backward(x, weight, w_in, b_in, w_out, b_out, token, z_all,
                               *(keep if keep is not None else ()))
         ctx.spec = sizes, activation, gated, dropout
@@ -151,7 +153,10 @@ class _ExpertMLP(torch.autograd.Function):
         need_x, need_weight, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:6]
         need_z = need_x or need_w_in or need_b_in
         scale = 1.0 / (1.0 - dropout)
-        grad_x = torch.zeros_like(x) if need_x else None
+        # Gathered and scattered once for all experts, as in forward.
+        g_ys = grad_out.index_select(0, token)  # d loss / d (weight * y) per assignment
+        xs = x.index_select(0, token) if need_w_in else None
+        g_xs = x.new_empty(token.numel(), x.shape[1]) if need_x else None
         grad_weight = torch.empty_like(weight) if need_weight else None
         grad_w_in = torch.empty_like(w_in) if need_w_in else None
         grad_b_in = torch.empty_like(b_in) if need_b_in else None
@@ -166,12 +171,11 @@ class _ExpertMLP(torch.autograd.Function):
                     if g is not None:
                         g[e].zero_()
                 continue
-            tok = token[rows]
             z = z_all[rows]
             h = _hidden(z, activation, gated)
             if keep:
                 h.mul_(keep[0][rows]).mul_(scale)
-            g_y = grad_out.index_select(0, tok)  # d loss / d (weight * y) per assignment
+            g_y = g_ys[rows]
             if keep:
                 g_y.mul_(keep[1][rows]).mul_(scale)
             w = weight[rows].unsqueeze(1)
@@ -198,11 +202,12 @@ class _ExpertMLP(torch.autograd.Function):
                 g_h.mul_(keep[0][rows]).mul_(scale)
             g_z = _hidden_backward(g_h, z, activation, gated)
             if need_w_in:
-                torch.mm(x.index_select(0, tok).t(), g_z, out=grad_w_in[e])
+                torch.mm(xs[rows].t(), g_z, out=grad_w_in[e])
             if need_b_in:
                 torch.sum(g_z, 0, out=grad_b_in[e])
             if need_x:
-                grad_x.index_add_(0, tok, g_z @ w_in[e].t())
+                torch.mm(g_z, w_in[e].t(), out=g_xs[rows])
+        grad_x = torch.zeros_like(x).index_add_(0, token, g_xs) if need_x else None
         return grad_x, grad_weight, grad_w_in, grad_b_in, grad_w_out, grad_b_out, None, None, None, None, None, None
 
 

@@ -255,12 +255,13 @@ def load_checkpoint(
                       filter_fn=filter_fn)
 
 
-def _write_atomically(tensors: Mapping[str, Tensor], target: Path, metadata: Mapping[str, str] | None) -> Path:
-    """safetensors into a temporary file in ``target``'s folder, renamed into place: never a partial file."""
+def _replace_atomically(target: Path, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` into a temporary file in ``target``'s folder, then rename it into place:
+    readers see the old file or the new one, never a partial one."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata) if metadata else None)
+        write(tmp)
         # mkstemp creates the file private (0600); give it the permissions a plain write would.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
@@ -268,6 +269,12 @@ def _write_atomically(tensors: Mapping[str, Tensor], target: Path, metadata: Map
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _write_atomically(tensors: Mapping[str, Tensor], target: Path, metadata: Mapping[str, str] | None) -> Path:
+    """safetensors written to ``target`` atomically (:func:`_replace_atomically`)."""
+    return _replace_atomically(target, lambda tmp: save_file(dict(tensors), tmp,
+                                                             metadata=dict(metadata) if metadata else None))
 
 
 def _shards(tensors: Mapping[str, Tensor], limit: int) -> list[dict[str, Tensor]]:
@@ -356,19 +363,8 @@ def save_checkpoint(model_or_state: nn.Module | Mapping[str, Tensor], path: str 
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """``path.write_text(text)`` through a temporary file in the same folder and a rename: readers
-    see the old file or the new one, never a partial one."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    """``path.write_text(text)``, atomically (:func:`_replace_atomically`)."""
+    return _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _umask() -> int:
