@@ -65,6 +65,17 @@ for size, dims in VMOE_SIZES.items():
         img_size=224, num_classes=1000, moe_blocks="every_2", num_experts=32, k=2, **dims,
     )
 
+#: The preprocessing and evaluation data of the shipped digits entries.
+_DIGITS_INPUT = {"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]",
+                 "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
+_DIGITS_CARD = {
+    "dataset_name": "scikit-learn digits (UCI optdigits, 1,797 images, 8x8 upsampled to 16x16)",
+    "datasets": ["sklearn-digits"],
+    "split": "test",
+    "task": "image-classification",
+    "card_metrics": ["accuracy"],
+}
+
 register_model(
     "vmoe_ti_digits",
     VisionTransformerMoE,
@@ -73,19 +84,14 @@ register_model(
     pretrained_cfg=shipped_weights(
         "vmoe_ti_digits",
         license="apache-2.0",
-        input_spec={"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]",
-                    "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"},
+        input_spec=_DIGITS_INPUT,
         card="model_cards/vmoe_ti_digits.md",
     ),
     evaluate="moezoo.modalities.vision.evaluate:evaluate_digits",
     card={
         "config": "configs/vision/vmoe_ti_digits.yaml",
-        "dataset_name": "scikit-learn digits (UCI optdigits, 1,797 images, 8x8 upsampled to 16x16)",
-        "datasets": ["sklearn-digits"],
-        "split": "test",
+        **_DIGITS_CARD,
         "tags": ["moezoo", "mixture-of-experts", "v-moe", "image-classification", "batch-prioritized-routing"],
-        "task": "image-classification",
-        "card_metrics": ["accuracy"],
         "architecture": (
             "ViT (timm `VisionTransformer`): 16x16 single-channel images, 4x4 patches (16 patches + class "
             "token = 17 tokens), width 96, 6 pre-LN blocks, 3 heads. The MLPs of blocks 1, 3 and 5 "
@@ -117,19 +123,14 @@ register_model(
     pretrained_cfg=shipped_weights(
         "vit_ti_digits",
         license="apache-2.0",
-        input_spec={"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]",
-                    "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"},
+        input_spec=_DIGITS_INPUT,
         card="model_cards/vit_ti_digits.md",
     ),
     evaluate="moezoo.modalities.vision.evaluate:evaluate_digits",
     card={
         "config": "configs/vision/vit_ti_digits.yaml",
-        "dataset_name": "scikit-learn digits (UCI optdigits, 1,797 images, 8x8 upsampled to 16x16)",
-        "datasets": ["sklearn-digits"],
-        "split": "test",
+        **_DIGITS_CARD,
         "tags": ["moezoo", "vit", "image-classification", "dense-baseline"],
-        "task": "image-classification",
-        "card_metrics": ["accuracy"],
         "architecture": (
             "Dense ViT (timm `VisionTransformer`): 16x16 single-channel images, 4x4 patches + class token, "
             "width 96, 6 pre-LN blocks, 3 heads, MLP ratio 6 so that its parameters per token equal the "
