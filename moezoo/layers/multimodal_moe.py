@@ -27,6 +27,10 @@ class MultimodalMoE(RoutedLayer):
     V-MoE's auxiliary losses are computed over the whole group, which a modality can satisfy while
     the other collapses; LIMoE's entropy losses are computed per modality m:
     ``m/local_entropy`` and ``m/global_entropy`` (thresholded when ``entropy_thresholds[m]`` is set).
+    In training the entropy losses are over the tokens of every process (the paper, arXiv 2206.02770
+    Sec. 3.1, averages over the batch's tokens of modality m; LIMoE's code is not public), so every
+    process must route the same modalities at the same point. V-MoE's importance and load losses stay
+    per routing group, hence per process, as V-MoE's code (google-research/vmoe) computes them per group.
     Stats: the router's, plus ``m/tokens_per_expert`` for the specialisation analysis.
 
     Args:
@@ -85,8 +89,11 @@ class MultimodalMoE(RoutedLayer):
         modality = torch.repeat_interleave(torch.arange(len(names), device=tokens.device),
                                            torch.tensor(sizes, device=tokens.device))
         for i, (m, p) in enumerate(zip(names, probs.split(sizes))):
-            losses[f"{m}/local_entropy"] = L.local_entropy_loss(p)
-            losses[f"{m}/global_entropy"] = L.global_entropy_loss(p, self.entropy_thresholds.get(m))
+            # In training over every process's tokens (LIMoE's batch is the global batch); per process
+            # in evaluation, where the losses are unused and no process may be waited for.
+            losses[f"{m}/local_entropy"] = L.local_entropy_loss(p, across_processes=self.training)
+            losses[f"{m}/global_entropy"] = L.global_entropy_loss(p, self.entropy_thresholds.get(m),
+                                                                  across_processes=self.training)
             mine = modality[routing.token] == i
             stats[f"{m}/tokens_per_expert"] = bincount(routing.expert[mine], self.num_experts).float()
         out = self.experts(tokens, routing)

@@ -28,6 +28,7 @@ __all__ = [
     "moa_cv_loss",
     "pooled_load_balancing_loss",
     "process_log_mean_exp",
+    "process_mean",
     "sparsity_l1_loss",
     "z_loss",
 ]
@@ -174,18 +175,23 @@ def _entropy(p: Tensor, dim: int = -1) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-20))).sum(dim=dim)
 
 
-def local_entropy_loss(probs: Tensor) -> Tensor:
+def local_entropy_loss(probs: Tensor, *, across_processes: bool = False) -> Tensor:
     """LIMoE's local entropy loss: the mean over tokens of each token's routing entropy,
     ``(1/n) sum_x H(p(.|x))``; minimising it makes every token's routing confident.
 
     Args:
         probs: (tokens, experts) router probabilities of the tokens of one modality.
+        across_processes: the mean over the tokens of every process (:func:`process_mean`), LIMoE's
+            batch being the global batch; every process must call at the same point.
     """
     _check_routing_tensor(probs, "probs")
-    return _entropy(probs.float()).mean()
+    entropy = _entropy(probs.float())
+    if across_processes:
+        return process_mean(entropy.reshape(-1, 1)).squeeze(0)
+    return entropy.mean()
 
 
-def global_entropy_loss(probs: Tensor, threshold: float | None = None) -> Tensor:
+def global_entropy_loss(probs: Tensor, threshold: float | None = None, *, across_processes: bool = False) -> Tensor:
     """LIMoE's global entropy loss: minus the entropy of the modality's mean routing distribution,
     ``-H(mean_x p(.|x))``; minimising it spreads the modality over many experts. With ``threshold``
     tau it is ``max(0, tau - H(mean_x p))``: no pressure once the modality uses about ``exp(tau)``
@@ -194,9 +200,14 @@ def global_entropy_loss(probs: Tensor, threshold: float | None = None) -> Tensor
     Args:
         probs: (tokens, experts) router probabilities of the tokens of one modality.
         threshold: tau in nats, or None for the plain loss.
+        across_processes: the mean distribution over the tokens of every process
+            (:func:`process_mean`): LIMoE (arXiv 2206.02770, Sec. 3.1) defines ``p_m(experts)`` over
+            the batch's tokens of modality m, and its batch is the global one. Every process must
+            call at the same point. Local without a process group.
     """
     _check_routing_tensor(probs, "probs")
-    entropy = _entropy(probs.float().mean(dim=0))
+    p = probs.float().reshape(-1, probs.shape[-1])
+    entropy = _entropy(process_mean(p) if across_processes else p.mean(dim=0))
     if threshold is None:
         return -entropy
     return torch.clamp(threshold - entropy, min=0.0)
@@ -253,6 +264,24 @@ def moa_cv_loss(gates: Tensor) -> Tensor:
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def process_mean(x: Tensor) -> Tensor:
+    """The mean over the tokens of every process: x (tokens, n) -> (n,), differentiable.
+
+    As :func:`process_log_mean_exp`: an autograd-aware all-reduce of the sums and of the token
+    counts, so processes may hold different numbers of tokens (text padding) and, after
+    data-parallel gradient averaging, the gradient equals one process's on the union. Every process
+    must call it at the same point. Without a process group it is the local mean.
+    """
+    if not _distributed():
+        return x.mean(dim=0)
+    from torch.distributed.nn.functional import all_reduce
+
+    total = all_reduce(x.sum(dim=0), op=dist.ReduceOp.SUM)
+    count = torch.tensor(float(x.shape[0]), device=x.device)
+    dist.all_reduce(count)
+    return total / count
 
 
 def process_log_mean_exp(x: Tensor) -> Tensor:

@@ -3,6 +3,8 @@
 Reference: yikangshen/MoA ``moa_layer/parallel_linear/moe.py`` (``MoE.top_k_gating``): a zero-initialised
 bias-free gate, ``softmax`` over all E experts, then the top k, whose probabilities are the combine
 weights **without** renormalisation (the renormalisation line is commented out upstream).
+The losses (cv, switch, z) are computed over each process's own tokens, as there: neither
+``top_k_gating`` nor the criterion (``moa_loss.py``) uses a collective, so there is no global variant.
 """
 
 from __future__ import annotations

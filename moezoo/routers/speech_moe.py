@@ -29,9 +29,13 @@ from moezoo.routers.routing import Routing
 
 __all__ = ["SPEECHMOE_LOSS_WEIGHTS", "SpeechMoERouter"]
 
-#: alpha (sparsity L1) and beta (mean importance). The paper's values are not verified against its
-#: text; 0.1 each is the default of the authors' 3M-ASR code (``aux_scale = [0.1] * 2``), summed over
-#: MoE layers as there.
+#: alpha (sparsity L1) and beta (mean importance), summed over MoE layers as the authors' code.
+#: The SpeechMoE / SpeechMoE2 papers' values (arXiv 2105.03036, 2111.11831) were NOT FOUND: the stored
+#: copies searched gave their abstracts and introductions only. 0.1 each is the default of the
+#: authors' later 3M-ASR code (tencent-ailab/3m-asr, ``aux_scale = [0.1] * 2``); its shipped
+#: WenetSpeech MoE recipe (``examples/wenetspeech/conf/moe_config.yaml``) sets ``aux_scale:
+#: [0.15, 0.15]`` with ``embed_scale: 0.01`` for a Conformer CTC/AED model, not SpeechMoE's CTC one,
+#: so moezoo keeps the code default.
 SPEECHMOE_LOSS_WEIGHTS = {"sparsity_l1": 0.1, "mean_importance": 0.1}
 
 

@@ -1,6 +1,7 @@
 """Rank-global routing statistics: σ-MoE's entropy regulariser over every process's tokens (the
-reference's ``perplexity_reg_mode="global"``) on 2 gloo processes equals one process on the union of
-their tokens, in value and (after data-parallel gradient averaging) in every gradient."""
+reference's ``perplexity_reg_mode="global"``) and LIMoE's local/global entropy losses (defined over
+the batch's tokens of a modality) on 2 gloo processes equal one process on the union of their
+tokens, in value and (after data-parallel gradient averaging) in every gradient."""
 
 from __future__ import annotations
 
@@ -59,3 +60,51 @@ def _worker(rank: int, world: int, port: int) -> None:
 
 def test_sigma_moe_entropy_over_two_processes_equals_one_process_on_the_union():
     mp.spawn(_worker, args=(WORLD, free_port()), nprocs=WORLD, join=True)
+
+
+def _limoe_worker(rank: int, world: int, port: int) -> None:
+    _init(rank, world, port)
+    try:
+        from moezoo.layers.multimodal_moe import MultimodalMoE
+        from moezoo.routers.batch_prioritized import BatchPrioritizedRouter
+
+        torch.manual_seed(0)
+        weights = {f"{m}/{n}": 1.0 for m in ("image", "text") for n in ("local_entropy", "global_entropy")}
+        # No routing noise and room for every token: the routing is deterministic, so both setups agree.
+        layer = MultimodalMoE(DIM, 12, 4, BatchPrioritizedRouter(DIM, 4, k=1, noise_std=0.0, capacity_factor=8.0),
+                              entropy_thresholds={"text": 1.2}, aux_loss_weights=weights).train()
+        single = copy.deepcopy(layer)
+        # Unequal text token counts per process (as padding leaves them): rank 0 has 5, rank 1 has 3.
+        images = torch.randn(world, TOKENS, DIM)
+        texts = [torch.randn(5, DIM), torch.randn(3, DIM)]
+
+        # The union on one process, with the losses written out from the paper's definitions.
+        union = {"image": images.reshape(-1, DIM), "text": torch.cat(texts)}
+        expected = {}
+        for m, x in union.items():
+            p = torch.softmax(single.router.compute_logits(x), -1)
+            expected[f"{m}/local_entropy"] = torch.special.entr(p).sum(-1).mean()
+            marginal = torch.special.entr(p.mean(0)).sum()
+            expected[f"{m}/global_entropy"] = (-marginal if m == "image" else torch.clamp(1.2 - marginal, min=0.0))
+        single(union)
+        for name, value in expected.items():
+            torch.testing.assert_close(single.last_losses[name], value, atol=1e-6, rtol=1e-5)
+        sum(expected.values()).backward()
+
+        layer({"image": images[rank], "text": texts[rank]})
+        for name, value in expected.items():  # the union's value on every process
+            torch.testing.assert_close(layer.last_losses[name], value.detach(), atol=1e-6, rtol=1e-5,
+                                       msg=lambda msg, name=name: f"{name}: {msg}")
+        sum(layer.last_losses[n] for n in expected).backward()
+        for name, p in layer.router.named_parameters():
+            grad = p.grad.clone()
+            dist.all_reduce(grad)
+            grad /= world
+            torch.testing.assert_close(grad, dict(single.router.named_parameters())[name].grad, atol=1e-6,
+                                       rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_limoe_entropy_losses_over_two_processes_equal_one_process_on_the_union():
+    mp.spawn(_limoe_worker, args=(WORLD, free_port()), nprocs=WORLD, join=True)

@@ -131,6 +131,26 @@ def test_validation_logs_loss_perplexity_and_bleu_of_greedy_translations(monkeyp
     assert logged["val/ppl"] == pytest.approx(math.exp(logged["val/nll"]), rel=1e-5)
 
 
+def test_test_stage_bleu_is_corpus_bleu_by_hand(monkeypatch):
+    pytest.importorskip("sacrebleu")
+    model = small_model()
+    task = Translation(model)
+    monkeypatch.setattr(Translation, "_datamodule", lambda self: _Data())
+    logged = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    # One wrong last word of six, same length (brevity penalty 1): the n-gram precisions are
+    # 5/6, 4/5, 3/4, 2/3, so BLEU = 100 * (5/6 * 4/5 * 3/4 * 2/3) ** (1/4) = 100 * 3 ** -0.25.
+    reference, hypothesis = "a b c d e f", "a b c d e g"
+    ids = torch.tensor([list(hypothesis.encode()) + [EOS]])
+    monkeypatch.setattr(model, "generate", lambda source, bos, eos, limit: ids.expand(source.shape[0], -1))
+    batch = {"source": torch.randint(0, 256, (1, 5)), "target_in": torch.randint(0, 256, (1, 4)),
+             "target_out": torch.randint(0, 256, (1, 4)), "references": [reference]}
+    task.step(batch, "test")
+    task.on_test_epoch_end()
+    assert logged["test/bleu"] == pytest.approx(100 * 3 ** -0.25, rel=1e-6)
+    assert "val/bleu" not in logged and task.hypotheses == [] and task.references == []
+
+
 def test_built_in_dates_corpus_is_deterministic_disjoint_and_a_translation():
     a, b = dates_pairs(), dates_pairs()
     assert a == b and [len(a[s]) for s in ("train", "val", "test")] == [20000, 300, 300]

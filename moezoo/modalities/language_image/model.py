@@ -21,8 +21,14 @@ from moezoo.routers.batch_prioritized import bpr_router_factory
 __all__ = ["LIMOE_LOSS_WEIGHTS", "LIMoE", "SharedBlock", "contrastive_loss"]
 
 #: V-MoE's importance and load losses (over all tokens) plus LIMoE's local and global entropy losses
-#: per modality. The paper's coefficients and thresholds were not recovered (no public code;
-#: MODELS.md §2b): these defaults are ours and flagged as such in the model card.
+#: per modality. importance/load 0.005: V-MoE's (google-research/vmoe
+#: ``vmoe/configs/vmoe_paper/common.py``, :data:`~moezoo.routers.batch_prioritized.VMOE_LOSS_WEIGHTS`),
+#: which LIMoE builds on. The entropy-loss weights 0.01 and the text threshold log 2 (``LIMoE``'s
+#: default ``entropy_thresholds``) are moezoo's, chosen for the tiny glyphs entry: LIMoE's own values
+#: were not found. Searched: arXiv 2206.02770 (the stored copies gave only its abstract and
+#: introduction), google-research/vmoe (its ``projects/contrastive`` is a two-tower LiT-style model
+#: without LIMoE's entropy losses); LIMoE's training code is not public. Every config and card that
+#: uses these says so.
 LIMOE_LOSS_WEIGHTS = {
     "importance": 0.005,
     "load": 0.005,

@@ -21,6 +21,15 @@ register_model(
     description="LIMoE-B/16: shared ViT-B/16 tower for 224px images and text, 8 experts top-1 every 2nd block",
     img_size=224, patch_size=16, in_chans=3, vocab_size=32000, max_text_len=16, embed_dim=768, depth=12,
     num_heads=12, proj_dim=768, moe_blocks="every_2", num_experts=8, k=1,
+    card={"limitations": (
+        "No weights and no measurement. Auxiliary losses: V-MoE's importance and load at 0.005 each "
+        "(google-research/vmoe vmoe/configs/vmoe_paper/common.py); LIMoE's local and global entropy losses "
+        "at 0.01 each with the text global entropy thresholded at log 2, which are moezoo's values for the "
+        "tiny glyphs entry: the paper's entropy-loss weights and thresholds were not found (arXiv "
+        "2206.02770 not recovered beyond its introduction; LIMoE's training code is not public). In "
+        "training the entropy losses are over every process's tokens, as the paper defines them over the "
+        "batch."
+    )},
 )
 
 register_model(
@@ -52,7 +61,10 @@ register_model(
             "-> 96, GELU), V-MoE's Batch Prioritized Router with k=1 and C=1.05 applied per modality (image "
             "and text tokens have separate expert buffers). Losses per modality: importance and load "
             "(0.005 each) and LIMoE's local entropy and global entropy (0.01 each; text's global entropy "
-            "thresholded at log 2). These coefficients are moezoo's: the paper's values were not recovered."
+            "thresholded at log 2). Importance and load weights are V-MoE's (google-research/vmoe "
+            "vmoe/configs/vmoe_paper/common.py); the entropy weights and the threshold are moezoo's: LIMoE's "
+            "own values were not found (arXiv 2206.02770 not recovered beyond its introduction; LIMoE's "
+            "training code is not public). In training the entropy losses are over every process's tokens."
         ),
         "limitations": (
             "A demonstration-scale model on 930 training pairs whose captions are templated (character, font "

@@ -121,12 +121,22 @@ SPEECHMOE_LIBRISPEECH = dict(
     memory_right=2, embed_dim=256, embed_depth=4, embed_hidden=1024, dropout=0.1,
 )
 
+#: The paper-scale entries' card text on the loss coefficients (see SPEECHMOE_LOSS_WEIGHTS).
+_PAPER_LOSSES = (
+    "No weights and no measurement. Loss coefficients: alpha (sparsity L1) = beta (mean importance) = 0.1 "
+    "per MoE layer and gamma (embedding-network CTC) = 0.01. The SpeechMoE and SpeechMoE2 papers' values "
+    "(arXiv 2105.03036, 2111.11831) were not found; 0.1 is the default of the authors' later 3M-ASR code "
+    "(tencent-ailab/3m-asr, whose WenetSpeech Conformer recipe uses 0.15 each) and 0.01 that recipe's "
+    "embed_scale. The papers' sizes (in-house Mandarin data) were not verified either."
+)
+
 register_model(
     "speechmoe_librispeech",
     SpeechMoE,
     modality="speech",
     description="SpeechMoE at a paper-like scale (12 blocks, width 512, 8 experts of 2048, top-1) for LibriSpeech "
                 "characters; no weights",
+    card={"limitations": _PAPER_LOSSES},
     **SPEECHMOE_LIBRISPEECH,
 )
 
@@ -136,5 +146,6 @@ register_model(
     modality="speech",
     description="SpeechMoE2 router variant of speechmoe_librispeech: a global embedding (speaker-group classes as "
                 "a stand-in for accents) added to every router input; no weights",
+    card={"limitations": _PAPER_LOSSES},
     global_embeddings={"accent": 8}, **SPEECHMOE_LIBRISPEECH,
 )
