@@ -157,3 +157,33 @@ def test_top_k_router_global_balance_accumulates_micro_batches_until_the_step():
     router.eval()  # evaluation: this forward only, nothing accumulated
     router(first)
     assert router.pending_counts.sum().item() == 2 * 5
+
+
+def test_losses_are_configured_in_yaml_and_weighted_by_the_layer():
+    from jsonargparse import ArgumentParser
+
+    from moezoo.layers import MoE, aux_loss
+    from moezoo.routers import DSelectKRouter, Router
+
+    parser = ArgumentParser()
+    parser.add_argument("--router", type=Router)
+    yaml = {
+        "TopKRouter": "    k: 2\n    global_balance: true\n    mutual_information: true\n",
+        "GroupLimitedRouter": "    k: 2\n    num_groups: 2\n    topk_group: 1\n    sequence_length: 3\n"
+                              "    device_balance: true\n",
+        "DSelectKRouter": "    k: 2\n    gamma: 0.5\n    per_token: false\n",
+    }
+    names = {"TopKRouter": ("global_load_balancing", "mutual_information"),
+             "GroupLimitedRouter": ("sequence_balance", "device_balance"), "DSelectKRouter": ("selector_entropy",)}
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 8)
+    for cls, args in yaml.items():
+        cfg = parser.parse_string(f"router:\n  class_path: moezoo.routers.{cls}\n  init_args:\n    dim: 8\n"
+                                  f"    num_experts: 4\n{args}")
+        router = parser.instantiate(cfg).router
+        weights = {name: 0.5 + i for i, name in enumerate(names[cls])}
+        layer = MoE(8, 6, 4, router=router, aux_loss_weights=weights, backend="torch")
+        layer(x)
+        expected = sum(w * layer.last_losses[name] for name, w in weights.items())
+        torch.testing.assert_close(aux_loss(layer), expected)
+        assert isinstance(router, DSelectKRouter) == (cls == "DSelectKRouter")
