@@ -43,7 +43,9 @@ class SigmoidRouter(Router):
     Losses: ``load_balancing`` on the scores normalised over experts (over all routed tokens),
     ``z_loss``; with ``sequence_length``, ``sequence_balance`` (DeepSeek-V3's complementary
     sequence-wise balance loss, :func:`~moezoo.routers.losses.sequence_balance_loss`, on the same
-    normalised scores).
+    normalised scores). Both count the experts actually chosen (with the balancing bias and, for
+    :class:`~moezoo.routers.group_limited.GroupLimitedRouter`, the group limit), as Megatron's
+    routing map does; the paper's eq. 18 writes the indicator on the top-k of the raw scores.
     """
 
     def __init__(
