@@ -1,11 +1,15 @@
 """DSelect-k (arXiv 2106.03760): the smooth step and the selector weights against values worked by
-hand and a naive loop over the paper's formula, its entropy regulariser, its router in an MoE layer, and
-exact k-sparsity (every smooth step exactly 0 or 1) after training on a toy multi-task problem."""
+hand, a naive loop over the paper's formula and the official TensorFlow gate's outputs (fixture:
+tests/data/make_dselect_k_reference.py), its regularisers, its router in an MoE layer, and exact
+k-sparsity (every smooth step exactly 0 or 1) after training on a toy multi-task problem."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,6 +83,48 @@ def test_router_weights_match_a_naive_loop(num_experts, gamma):
     assert ("unreachable" in routing.losses) == (num_experts != 8)
 
 
+OFFICIAL = np.load(Path(__file__).parent.parent / "data" / "dselect_k_reference.npz")
+OFFICIAL_META = json.loads(str(OFFICIAL["meta"]))
+
+
+@pytest.mark.parametrize("name", sorted(n for n in OFFICIAL_META if not n.startswith("_")))
+def test_router_matches_the_official_gate(name):
+    """Weights, selector outputs, gradients and both regularisers of the official ``DSelectKGate``
+    (the official sums its regularisers over the examples; ours are means over the tokens)."""
+    meta = OFFICIAL_META[name]
+    ref = {key.split("/", 1)[1]: torch.from_numpy(np.asarray(OFFICIAL[key])) for key in OFFICIAL.files
+           if key.startswith(name + "/")}
+    example = meta["example_conditioned"]
+    router = DSelectKRouter(meta["dim"], meta["experts"], meta["k"], gamma=meta["gamma"], per_token=example)
+    with torch.no_grad():
+        if example:
+            router.z_logits.weight.copy_(ref["z_kernel"].t())
+            router.z_logits.bias.copy_(ref["z_bias"])
+            router.w_logits.weight.copy_(ref["w_kernel"].t())
+            router.w_logits.bias.copy_(ref["w_bias"])
+        else:
+            router.z_logits.copy_(ref["z"][:, 0])
+            router.w_logits.copy_(ref["w"][:, 0])
+    x = (ref["x"] if example else torch.zeros(1, meta["dim"])).clone().requires_grad_(example)
+    routing = router(x)
+    weights = routing.dense_weights()
+    torch.testing.assert_close(weights, ref["weights"].reshape(weights.shape), atol=1e-6, rtol=1e-5)
+    selectors = dselect_k_weights(*router.selector_logits(x), router.codes, router.gamma)[1]
+    torch.testing.assert_close(selectors, ref["selectors"].reshape(selectors.shape), atol=1e-6, rtol=1e-5)
+    tokens = x.shape[0]
+    torch.testing.assert_close(routing.losses["selector_entropy"] * tokens, ref["entropy"], atol=1e-5, rtol=1e-5)
+    if meta["experts"] & (meta["experts"] - 1):
+        torch.testing.assert_close(routing.losses["unreachable"] * tokens, ref["unreachable"], atol=1e-5, rtol=1e-5)
+    else:
+        assert "unreachable" not in routing.losses
+    (weights * ref["g"]).sum().backward()
+    if example:
+        torch.testing.assert_close(x.grad, ref["x_grad"], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(router.z_logits.grad, ref["z_grad"][:, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(router.w_logits.grad, ref["w_grad"][:, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_entropy_and_unreachable_losses_hand_worked():
     # One selector at r = [1/2, 1/2]: -(2 * 1/2 * log(1/2 + 1e-6)); one-hot selectors give ~0.
     r = torch.tensor([[[0.5, 0.5]]])
@@ -148,7 +194,7 @@ def test_exact_k_sparsity_at_convergence_on_a_toy_multi_task_problem(seed):
         assert bool(((steps == 0) | (steps == 1)).all()), f"task {t}: smooth steps {steps.tolist()}"
         routing = gate(x)
         assert routing.num_assignments <= k * x.shape[0]
-        selector = dselect_k_weights(*gate.selector_logits(x[:1]), gate.codes)[1][0]
+        selector = dselect_k_weights(*gate.selector_logits(x[:1]), gate.codes, gate.gamma)[1][0]
         assert sorted(selector.reshape(-1).tolist()) == [0.0] * (k * experts - k) + [1.0] * k
         y = x @ targets[t]
         assert ((routing.dense_weights() * f).sum(-1) - y).pow(2).mean() < 1e-3 * y.var()
