@@ -187,3 +187,25 @@ def test_losses_are_configured_in_yaml_and_weighted_by_the_layer():
         expected = sum(w * layer.last_losses[name] for name, w in weights.items())
         torch.testing.assert_close(aux_loss(layer), expected)
         assert isinstance(router, DSelectKRouter) == (cls == "DSelectKRouter")
+
+
+def test_mutual_information_matches_moduleformer():
+    """ModuleFormer's own ``top_k_gating(aux_loss="mi")`` loss and its gradient at the gate weight
+    (fixture: tests/data/make_moduleformer_mi_reference.py, github.com/IBM/ModuleFormer 850f1eb)."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    data = np.load(Path(__file__).parent.parent / "data" / "moduleformer_mi_reference.npz")
+    meta = json.loads(str(data["meta"]))
+    for name in (n for n in meta if not n.startswith("_")):
+        ref = {key.split("/", 1)[1]: torch.from_numpy(np.asarray(data[key])) for key in data.files
+               if key.startswith(name + "/")}
+        router = TopKRouter(meta[name]["dim"], meta[name]["experts"], k=meta[name]["k"], mutual_information=True)
+        with torch.no_grad():
+            router.gate.weight.copy_(ref["weight"])
+        loss = router(ref["x"]).losses["mutual_information"]
+        torch.testing.assert_close(loss, ref["loss"], atol=1e-6, rtol=1e-5)
+        loss.backward()
+        torch.testing.assert_close(router.gate.weight.grad, ref["weight_grad"], atol=1e-6, rtol=1e-5)
