@@ -4,6 +4,7 @@ from moezoo.routers import functional, losses
 from moezoo.routers.balanced import BalancedAssignmentRouter
 from moezoo.routers.base import Router, set_routing
 from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, BatchPrioritizedRouter, bpr_router_factory
+from moezoo.routers.dselect_k import DSelectKRouter
 from moezoo.routers.expert_choice import ExpertChoiceRouter
 from moezoo.routers.group_limited import GroupLimitedRouter
 from moezoo.routers.hash import HashRouter
@@ -20,6 +21,7 @@ from moezoo.routers.top_k import TopKRouter
 __all__ = [
     "BalancedAssignmentRouter",
     "BatchPrioritizedRouter",
+    "DSelectKRouter",
     "ExpertChoiceRouter",
     "GroupLimitedRouter",
     "HashRouter",

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from moezoo.checks import require_int
 from moezoo.routers import functional as RF
+from moezoo.routers import losses as L
 from moezoo.routers.sigmoid import SigmoidRouter
 
 __all__ = ["GroupLimitedRouter"]
@@ -39,9 +40,13 @@ class GroupLimitedRouter(SigmoidRouter):
         topk_group: groups each token may use.
         group_top: scores summed per group (<= E / G).
         scores: "sigmoid" or "softmax" of the logits.
-        normalize, normalize_eps, scale, bias_update_rate, check_finite: as :class:`SigmoidRouter`.
+        device_balance: add DeepSeek-V2's device-level balance loss over the groups as devices.
+        normalize, normalize_eps, scale, bias_update_rate, sequence_length, check_finite: as
+            :class:`SigmoidRouter`.
 
-    Losses: those of :class:`SigmoidRouter`.
+    Losses: those of :class:`SigmoidRouter`; with ``device_balance``, ``device_balance``
+    (:func:`~moezoo.routers.losses.device_balance_loss` of the normalised scores, the softmax itself
+    for ``scores="softmax"``, with the G groups as the devices).
     """
 
     def __init__(
@@ -58,10 +63,13 @@ class GroupLimitedRouter(SigmoidRouter):
         normalize_eps: float = 0.0,
         scale: float = 1.0,
         bias_update_rate: float = 0.0,
+        sequence_length: int | None = None,
+        device_balance: bool = False,
         check_finite: bool = True,
     ) -> None:
         super().__init__(dim, num_experts, k, normalize=normalize, normalize_eps=normalize_eps, scale=scale,
-                         bias_update_rate=bias_update_rate, check_finite=check_finite)
+                         bias_update_rate=bias_update_rate, sequence_length=sequence_length,
+                         check_finite=check_finite)
         name = type(self).__name__
         self.num_groups = require_int(name, "num_groups", num_groups)
         if num_experts % num_groups:
@@ -81,6 +89,7 @@ class GroupLimitedRouter(SigmoidRouter):
         if scores not in _SCORES:
             raise ValueError(f"{name}: scores must be one of {_SCORES}, got {scores!r}")
         self.score_function = scores
+        self.device_balance = bool(device_balance)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_groups={self.num_groups}, topk_group={self.topk_group}, "
@@ -93,3 +102,9 @@ class GroupLimitedRouter(SigmoidRouter):
     def allowed(self, select: Tensor) -> Tensor:
         """The experts of each token's ``topk_group`` best groups, scored on ``select``."""
         return RF.group_limited_mask(select, self.num_groups, self.topk_group, group_top=self.group_top)
+
+    def extra_losses(self, share: Tensor, chosen: Tensor) -> dict[str, Tensor]:
+        """``device_balance`` over the groups when asked for."""
+        if not self.device_balance:
+            return {}
+        return {"device_balance": L.device_balance_loss(share, chosen, self.num_groups)}

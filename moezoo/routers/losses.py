@@ -18,7 +18,9 @@ from moezoo.routers.functional import bincount
 
 __all__ = [
     "cv_squared",
+    "device_balance_loss",
     "global_entropy_loss",
+    "global_load_balancing_loss",
     "importance_loss",
     "load_balancing_loss",
     "load_loss",
@@ -26,9 +28,12 @@ __all__ = [
     "marginal_entropy_loss",
     "mean_importance_loss",
     "moa_cv_loss",
+    "mutual_information_loss",
     "pooled_load_balancing_loss",
     "process_log_mean_exp",
     "process_mean",
+    "selector_entropy_loss",
+    "sequence_balance_loss",
     "sparsity_l1_loss",
     "z_loss",
 ]
@@ -331,3 +336,173 @@ def marginal_entropy_loss(logits: Tensor, *, across_processes: bool = False) -> 
         log_marginal = torch.logsumexp(log_p, dim=-2) - math.log(log_p.shape[-2])
     entropy = -(log_marginal.exp() * log_marginal).sum(-1)
     return -entropy.mean()
+
+
+def _check_choices(probs: Tensor, expert_index: Tensor) -> None:
+    if expert_index.dim() != probs.dim() or expert_index.shape[:-1] != probs.shape[:-1]:
+        raise ValueError(
+            f"expert_index must have shape (..., tokens, k) matching probs {tuple(probs.shape)}, "
+            f"got {tuple(expert_index.shape)}"
+        )
+    if expert_index.dtype != torch.int64:
+        raise ValueError(f"expert_index must be int64, got dtype {expert_index.dtype}")
+
+
+def _expert_frequency(probs: Tensor, expert_index: Tensor) -> Tensor:
+    """DeepSeek's ``f_i = E / (k T) * (count of i among the top-k of the T tokens)``: (..., experts),
+    1 for every expert of a perfectly balanced router."""
+    num_experts, (num_tokens, k) = probs.shape[-1], expert_index.shape[-2:]
+    counts = F.one_hot(expert_index, num_experts).sum(dim=(-3, -2)).float()
+    return counts * (num_experts / (k * num_tokens))
+
+
+def sequence_balance_loss(probs: Tensor, expert_index: Tensor) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eq. 17-20), unweighted:
+    per sequence of T tokens, ``sum_i f_i P_i`` with ``f_i = E / (k T) * count_i`` (count_i: tokens of
+    the sequence whose top-k holds i) and ``P_i`` the mean over the sequence of the normalised scores
+    ``s_i / sum_j s_j``; averaged over the sequences. For one sequence it equals
+    :func:`load_balancing_loss`.
+
+    Args:
+        probs: (sequences, T, experts) normalised affinities (each token's sum to 1).
+        expert_index: (sequences, T, k) int64 experts each token chose.
+
+    Returns:
+        0-dim: the mean over sequences (1 for a uniform router with balanced choices).
+    """
+    _check_routing_tensor(probs, "probs")
+    _check_choices(probs, expert_index)
+    return (_expert_frequency(probs, expert_index) * probs.float().mean(dim=-2)).sum(dim=-1).mean()
+
+
+def device_balance_loss(probs: Tensor, expert_index: Tensor, num_devices: int) -> Tensor:
+    """DeepSeek-V2's device-level balance loss ``L_DevBal`` (arXiv 2405.04434, sec. 2.2.3), unweighted.
+
+    The E experts form ``num_devices`` groups of E/D consecutive experts (the devices of expert
+    parallelism). With the expert-level ``f_j = E / (k T) * count_j`` and ``P_j`` the mean score of
+    expert j over the T tokens, ``f'_d`` is the mean of f over device d's experts and ``P'_d`` their
+    sum; the loss is ``sum_d f'_d P'_d``. With one expert per device it is :func:`load_balancing_loss`.
+
+    Args:
+        probs: (tokens, experts) router scores (DeepSeek-V2: the softmax over all experts).
+        expert_index: (tokens, k) int64 chosen experts.
+        num_devices: D, a divisor of the experts.
+
+    Returns:
+        0-dim loss (1 for a uniform router with balanced choices).
+    """
+    _check_routing_tensor(probs, "probs")
+    _check_choices(probs, expert_index)
+    num_experts = probs.shape[-1]
+    if isinstance(num_devices, bool) or not isinstance(num_devices, int) or num_devices < 1 \
+            or num_experts % num_devices:
+        raise ValueError(f"num_devices must be a positive divisor of the {num_experts} experts, got {num_devices!r}")
+    frequency = _expert_frequency(probs, expert_index).reshape(*probs.shape[:-2], num_devices, -1)
+    score = probs.float().mean(dim=-2).reshape(*probs.shape[:-2], num_devices, -1)
+    return (frequency.mean(dim=-1) * score.sum(dim=-1)).sum(dim=-1).mean()
+
+
+def global_load_balancing_loss(probs: Tensor, expert_index: Tensor, earlier_counts: Tensor | None = None, *,
+                               across_processes: bool = True) -> Tensor:
+    """Qwen's global-batch balancing loss (Qiu et al. 2025, arXiv 2501.11440), unweighted:
+    ``E * sum_e f_e P_e`` where ``f_e`` is expert e's share of the top-k choices of the **global
+    batch** (these tokens, ``earlier_counts`` from the earlier micro-batches of the optimiser step,
+    and, under torch.distributed, the same of every process, summed by an all-reduce) and ``P_e``
+    the mean probability of e over **these** tokens. Only the counts are communicated; they carry no
+    gradient. The local P is what makes data-parallel training exact: with equal token counts per
+    process, the mean of the processes' losses (and, after gradient averaging, their gradients) is
+    the loss of one process on the union of the tokens. With one process and no earlier counts it
+    equals :func:`load_balancing_loss`.
+
+    Args:
+        probs: (tokens, experts) router probabilities.
+        expert_index: (tokens, k) int64 chosen experts (before any capacity drop).
+        earlier_counts: optional (experts,) choice counts of the earlier micro-batches (this
+            process's; they are all-reduced with the current ones).
+        across_processes: all-reduce the counts when a process group is initialised (every process
+            must then call at the same point).
+
+    Returns:
+        0-dim loss.
+    """
+    _check_routing_tensor(probs, "probs")
+    _check_choices(probs, expert_index)
+    if probs.dim() != 2:
+        raise ValueError(f"probs must have shape (tokens, experts), got shape {tuple(probs.shape)}")
+    num_experts = probs.shape[-1]
+    with torch.no_grad():
+        counts = bincount(expert_index, num_experts).float()
+        if earlier_counts is not None:
+            if earlier_counts.shape != (num_experts,):
+                raise ValueError(f"earlier_counts must have shape ({num_experts},), got {tuple(earlier_counts.shape)}")
+            counts = counts + earlier_counts.to(counts)
+        if across_processes and _distributed():
+            dist.all_reduce(counts)
+        share = counts / counts.sum()
+    return num_experts * (share * probs.float().mean(dim=0)).sum()
+
+
+def mutual_information_loss(logits: Tensor, groups: Tensor | None = None, num_groups: int | None = None, *,
+                            eps: float = 1e-8) -> Tensor:
+    """ModuleFormer's mutual-information loss (Shen et al. 2023, arXiv 2306.04640), unweighted:
+    ``-MI(e; x) = -H(e) + H(e | x)``, minus the entropy of the marginal routing distribution
+    ``p(e) = mean_x p(e|x)`` plus the mean conditional entropy. Minimising it balances the marginal
+    (the load) while concentrating each condition on few experts. As the authors' ``top_k_gating``
+    (``aux_loss="mi"``): x is the token, ``p(e|x) = softmax(logits)``, the conditional entropy comes
+    from the log-softmax and the marginal's log has ``eps`` added.
+
+    With ``groups`` the condition is a token's group (its task, for the load concentration of
+    multi-task fine-tuning): ``H(e | task) = sum_g p(g) H(p(e|g))`` with ``p(e|g)`` the mean of the
+    group's token distributions and ``p(g)`` its share of the tokens.
+
+    Args:
+        logits: (tokens, experts) router logits.
+        groups: optional (tokens,) int64 group of each token in ``[0, num_groups)``.
+        num_groups: the number of groups (needed with ``groups``).
+        eps: added inside the marginal's logarithm.
+
+    Returns:
+        0-dim loss in nats, in ``[-log E, 0]``.
+    """
+    _check_routing_tensor(logits, "logits")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must have shape (tokens, experts), got shape {tuple(logits.shape)}")
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    probs = log_p.exp()
+    marginal = probs.mean(dim=0)
+    marginal_entropy = -(marginal * (marginal + eps).log()).sum()
+    if groups is None:
+        return -(probs * log_p).sum() / probs.shape[0] - marginal_entropy
+    if num_groups is None or groups.shape != (probs.shape[0],) or groups.dtype != torch.int64:
+        raise ValueError(
+            f"groups must be a (tokens={probs.shape[0]},) int64 tensor with num_groups given, got "
+            f"{tuple(groups.shape)} {groups.dtype} and num_groups={num_groups!r}"
+        )
+    sums = probs.new_zeros(num_groups, probs.shape[1]).index_add(0, groups, probs)
+    sizes = sums.sum(dim=-1, keepdim=True)  # tokens per group: each token's probabilities sum to 1
+    conditional = sums / sizes.clamp_min(1.0)
+    conditional_entropy = (sizes.squeeze(-1) / probs.shape[0] * _entropy(conditional)).sum()
+    return conditional_entropy - marginal_entropy
+
+
+def selector_entropy_loss(selector_outputs: Tensor, eps: float = 1e-6) -> Tensor:
+    """DSelect-k's entropy regulariser (Hazimeh et al. 2021, arXiv 2106.03760): the entropy of each
+    single-expert selector's output ``r(z)`` over the experts, summed over the selectors and, as the
+    official ``EntropyRegularizer`` (``-sum r log(r + eps)``), over the leading dims but one: one
+    value per token (example-conditioned gates) averaged over the tokens, so the coefficient does not
+    depend on the batch size (the official code sums over the batch too). 0 exactly when every
+    selector is one-hot.
+
+    Args:
+        selector_outputs: (..., k, experts) selector outputs; (k, experts) for task-only gates.
+        eps: added inside the logarithm (official: 1e-6).
+
+    Returns:
+        0-dim loss in nats.
+    """
+    if selector_outputs.dim() < 2 or not selector_outputs.is_floating_point():
+        raise ValueError(f"selector_outputs must be a floating (..., k, experts) tensor, got "
+                         f"{tuple(selector_outputs.shape)} {selector_outputs.dtype}")
+    r = selector_outputs.float()
+    per_gate = -(r * torch.log(r + eps)).sum(dim=(-2, -1))
+    return per_gate.mean()

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from moezoo.checks import require_float
+from moezoo.checks import require_float, require_int
 from moezoo.routers import functional as RF
 from moezoo.routers import losses as L
 from moezoo.routers.base import Router
@@ -35,9 +35,17 @@ class SigmoidRouter(Router):
         scale: multiply every combine weight by this, after ``normalize`` (DeepSeek-V3's
             ``routed_scaling_factor``).
         bias_update_rate: u of the loss-free balancing (paper: 1e-3).
+        sequence_length: T of the sequences the tokens form, for the ``sequence_balance`` loss: the
+            routed tokens are consecutive sequences of T tokens (a (batch, T, dim) input flattened
+            batch-major, as :class:`~moezoo.layers.MoE` does), so their count must be a multiple of
+            T. None: no sequence loss.
 
-    Losses: ``load_balancing`` on the scores normalised over experts (DeepSeek-V3's complementary
-    balance loss), ``z_loss``.
+    Losses: ``load_balancing`` on the scores normalised over experts (over all routed tokens),
+    ``z_loss``; with ``sequence_length``, ``sequence_balance`` (DeepSeek-V3's complementary
+    sequence-wise balance loss, :func:`~moezoo.routers.losses.sequence_balance_loss`, on the same
+    normalised scores). Both count the experts actually chosen (with the balancing bias and, for
+    :class:`~moezoo.routers.group_limited.GroupLimitedRouter`, the group limit), as Megatron's
+    routing map does; the paper's eq. 18 writes the indicator on the top-k of the raw scores.
     """
 
     def __init__(
@@ -50,10 +58,13 @@ class SigmoidRouter(Router):
         normalize_eps: float = 0.0,
         scale: float = 1.0,
         bias_update_rate: float = 0.0,
+        sequence_length: int | None = None,
         check_finite: bool = True,
     ) -> None:
         super().__init__(dim, num_experts, k, check_finite=check_finite)
         name = type(self).__name__
+        self.sequence_length = None if sequence_length is None else require_int(name, "sequence_length",
+                                                                                  sequence_length)
         self.normalize = bool(normalize)
         self.normalize_eps = require_float(name, "normalize_eps", normalize_eps)
         self.scale = require_float(name, "scale", scale, strict=True)
@@ -89,6 +100,11 @@ class SigmoidRouter(Router):
         scores (scores + bias); None: all of them."""
         return None
 
+    def extra_losses(self, share: Tensor, chosen: Tensor) -> dict[str, Tensor]:
+        """Further losses of a subclass from the (tokens, experts) normalised scores and the
+        (tokens, k) chosen experts. Default: none."""
+        return {}
+
     def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
               capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
@@ -106,6 +122,14 @@ class SigmoidRouter(Router):
                 load = RF.bincount(expert, num_experts).float()
                 self.pending_load = load if self.pending_load is None else self.pending_load + load
         share = scores / scores.sum(dim=-1, keepdim=True)
-        losses = {"load_balancing": L.load_balancing_loss(share, expert.view(self.k, num_tokens).t()),
-                  "z_loss": L.z_loss(logits)}
+        chosen = expert.view(self.k, num_tokens).t()
+        losses = {"load_balancing": L.load_balancing_loss(share, chosen), "z_loss": L.z_loss(logits)}
+        if self.sequence_length is not None:
+            length = self.sequence_length
+            if num_tokens % length:
+                raise ValueError(f"{type(self).__name__}: the {num_tokens} routed tokens are not whole sequences of "
+                                 f"sequence_length={length}")
+            losses["sequence_balance"] = L.sequence_balance_loss(share.view(-1, length, num_experts),
+                                                                 chosen.reshape(-1, length, self.k))
+        losses.update(self.extra_losses(share, chosen))
         return self.finish(token, expert, weight, num_tokens, logits=logits, probs=share, losses=losses)

@@ -40,9 +40,17 @@ class TopKRouter(Router):
             losses.
         random_second: GShard's random routing (k=2, training): the second expert is used with
             probability ``min(1, 2 * w2)``, w2 its weight renormalised over the top two.
+        global_balance: add Qwen's global-batch balancing loss ``global_load_balancing``
+            (:func:`~moezoo.routers.losses.global_load_balancing_loss`): in training the expert
+            frequencies count the top-k choices of every forward since the last optimiser step
+            (the micro-batches of gradient accumulation; :meth:`update_after_step` restarts them)
+            and of every process (all-reduced: every process must route at the same point, as under
+            DDP/FSDP); at evaluation only this forward's, on this process.
+        mutual_information: add ModuleFormer's ``mutual_information`` loss
+            (:func:`~moezoo.routers.losses.mutual_information_loss` of the clean logits, per token).
 
     Losses (unweighted): ``load_balancing`` (Switch/GShard) and ``z_loss`` always; ``importance``
-    and ``load`` when ``noisy``.
+    and ``load`` when ``noisy``; ``global_load_balancing`` and ``mutual_information`` when asked for.
     """
 
     def __init__(
@@ -60,6 +68,8 @@ class TopKRouter(Router):
         jitter: float = 0.0,
         noisy: bool = False,
         random_second: bool = False,
+        global_balance: bool = False,
+        mutual_information: bool = False,
         check_finite: bool = True,
     ) -> None:
         super().__init__(dim, num_experts, k, capacity_factor=capacity_factor,
@@ -76,12 +86,21 @@ class TopKRouter(Router):
             name, "capacity_multiple_of", capacity_multiple_of)
         self.jitter = require_float(name, "jitter", jitter, below=1.0)
         self.random_second = bool(random_second)
+        self.global_balance = bool(global_balance)
+        self.mutual_information = bool(mutual_information)
+        # A plain attribute, not a buffer (as SigmoidRouter's pending load): DDP would broadcast a
+        # buffer from rank 0. None at every step boundary, where checkpoints are taken.
+        self.pending_counts: Tensor | None = None
         self.noise = nn.Linear(dim, num_experts, bias=False) if noisy else None
         if self.noise is not None:
             nn.init.zeros_(self.noise.weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, order={self.order}, normalize={self.normalize}, noisy={self.noise is not None}"
+
+    def update_after_step(self) -> None:
+        """The global-batch frequencies restart with the next optimiser step."""
+        self.pending_counts = None
 
     def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
               capacity_groups: list[int] | None) -> Routing:
@@ -121,6 +140,14 @@ class TopKRouter(Router):
 
         losses["load_balancing"] = L.load_balancing_loss(probs, top_index)
         losses["z_loss"] = L.z_loss(logits)
+        if self.global_balance:
+            losses["global_load_balancing"] = L.global_load_balancing_loss(
+                probs, top_index, self.pending_counts if self.training else None, across_processes=self.training)
+            if self.training:
+                counts = RF.bincount(top_index, num_experts).float()
+                self.pending_counts = counts if self.pending_counts is None else self.pending_counts + counts
+        if self.mutual_information:
+            losses["mutual_information"] = L.mutual_information_loss(logits)
         if self.noise is not None:
             gates = torch.zeros_like(probs).index_put((token, expert), weight, accumulate=True)
             losses["importance"] = L.importance_loss(gates)
