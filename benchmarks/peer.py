@@ -105,7 +105,7 @@ def main() -> None:
         "command": "python benchmarks/peer.py",
         "config": {k: getattr(args, k) for k in ("dim", "experts", "heads", "k", "key_dim", "tokens", "repeats")},
         "parameters": {m: parameter_counts(modules[m]) for m in METHODS},
-        "forward_backward_ms_median": {m: round(1e3 * statistics.median(t), 2) for m in METHODS},
+        "forward_backward_ms_median": {m: round(1e3 * statistics.median(times[m]), 2) for m in METHODS},
         "time_ratio_to_peer_median": {
             m: round(statistics.median(a / b for a, b in zip(times[m], times["peer"])), 3) for m in METHODS},
         "peak_step_memory_mib": {m: round(v / 2**20, 1) for m, v in memory.items()},

@@ -8,6 +8,7 @@ frozen parameters get no optimiser state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -211,8 +212,9 @@ class BranchTrainMix(Callback):
     parents of its architecture (see :func:`moezoo.zoo.btx.branch_train_mix`), then train on.
 
     Args:
-        parents: N >= 2 weights of the task's architecture, each a zoo entry name (its published,
-            hash-checked weights) or a checkpoint path (safetensors or ``moezoo fit`` ``.ckpt``).
+        parents: N >= 2 weights of the task's architecture, each a checkpoint path (safetensors or
+            ``moezoo fit`` ``.ckpt``) or, if no such file exists, a zoo entry name (its published,
+            hash-checked weights).
         k, aux_loss_weights: those of :func:`~moezoo.zoo.btx.branch_train_mix`.
     """
 
@@ -226,17 +228,16 @@ class BranchTrainMix(Callback):
 
         from moezoo.zoo.btx import branch_train_mix
         from moezoo.zoo.checkpoint import load_checkpoint
-        from moezoo.zoo.registry import list_models, load_pretrained
+        from moezoo.zoo.registry import load_pretrained
 
         if routed_layers(_model(pl_module)):
             return  # already merged (e.g. resumed from a BTX checkpoint)
-        entries = set(list_models(pretrained=True))
         loaded = []
         for parent in self.parents:
             model = copy.deepcopy(_model(pl_module))
-            if parent in entries:
-                load_pretrained(model, parent)
-            else:
+            if Path(parent).exists():
                 load_checkpoint(model, parent)
+            else:  # not a file: a zoo entry (an unknown name is the registry's error)
+                load_pretrained(model, parent)
             loaded.append(model)
         pl_module.model = branch_train_mix(loaded, k=self.k, aux_loss_weights=self.aux_loss_weights)

@@ -81,3 +81,20 @@ def test_different_architectures_name_the_key_and_shapes():
         branch_train_mix(parents(1))
     with pytest.raises(ValueError, match="k must be"):
         branch_train_mix(parents(2), k=3)
+
+
+def test_recipe_merges_the_checkpoints_into_the_task_model(tmp_path):
+    from types import SimpleNamespace
+
+    from moezoo.zoo.checkpoint import save_checkpoint
+    from moezoo.zoo.recipes import BranchTrainMix
+
+    models = parents(2)
+    paths = [str(save_checkpoint(m, tmp_path / f"parent{i}.safetensors")) for i, m in enumerate(models)]
+    task = SimpleNamespace(model=VisionTransformer(**ARCH))
+    BranchTrainMix(paths).setup(None, task, "fit")
+    for i, m in enumerate(models):
+        assert torch.equal(task.model.blocks[1].mlp.experts.w_in[i], m.blocks[1].mlp.fc1.weight.t())
+    assert torch.equal(task.model.norm.weight, (models[0].norm.weight + models[1].norm.weight) / 2)
+    with pytest.raises(ValueError, match="parents"):
+        BranchTrainMix(paths[:1])
