@@ -7,9 +7,9 @@
 Time: each round runs every method once in a rotated order; a ratio is the median over rounds of
 the per-round ratio to PEER, so load from other processes that drifts between rounds cancels.
 Memory: each method runs one forward+backward in a fresh subprocess; its peak is the rise of the
-process's maximum resident set over the resident set just before the step, after a two-token
-warm-up step (weights, input and library state excluded; activations, gradients and temporaries
-included).
+process's maximum resident set over the resident set just before the step, after an identical
+warm-up step whose gradients are freed (weights, input and library state excluded; activations,
+gradients and temporaries included).
 
     python benchmarks/peer.py               # writes benchmarks/results/peer_cpu.json
     python benchmarks/peer.py --experts 1024 --tokens 128 --repeats 2 --out /tmp/peer.json   # smoke run
@@ -18,6 +18,7 @@ included).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -58,11 +59,13 @@ def resident_bytes() -> int:
 def peak_memory(method: str, args: argparse.Namespace) -> int:
     """Run in a fresh process (see the module docstring); bytes."""
     module, x = build(method, args), torch.randn(args.tokens, args.dim)
-    # A two-token step first, so that the libraries' one-off allocations are not counted; its
-    # gradients are freed, and the real step's peak (gradients + activations) lies above its own.
-    step(module, x[:2])
+    # The same step first, so that the libraries' one-off allocations are not counted. Its gradients
+    # are freed and handed back to the OS; the measured step then peaks exactly as high as it did,
+    # so the maximum resident set (which never resets) is that step's peak.
+    step(module, x)
     module.zero_grad(set_to_none=True)
     gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     before = resident_bytes()
     step(module, x)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
