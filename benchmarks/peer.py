@@ -6,10 +6,10 @@
 
 Time: each round runs every method once in a rotated order; a ratio is the median over rounds of
 the per-round ratio to PEER, so load from other processes that drifts between rounds cancels.
-Memory: each method runs one forward+backward in a fresh subprocess; its peak is the rise of the
-process's maximum resident set over the resident set just before the step, after an identical
-warm-up step whose gradients are freed (weights, input and library state excluded; activations,
-gradients and temporaries included).
+Memory: each method runs in a fresh subprocess an identical warm-up step, frees its gradients,
+resets the kernel's peak resident set (Linux ``/proc/self/clear_refs``) and runs one forward+backward;
+its peak is the rise of that peak over the resident set just before the step (weights, input and
+library state excluded; activations, gradients and temporaries included).
 
     python benchmarks/peer.py               # writes benchmarks/results/peer_cpu.json
     python benchmarks/peer.py --experts 1024 --tokens 128 --repeats 2 --out /tmp/peer.json   # smoke run
@@ -23,7 +23,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -59,16 +58,20 @@ def resident_bytes() -> int:
 def peak_memory(method: str, args: argparse.Namespace) -> int:
     """Run in a fresh process (see the module docstring); bytes."""
     module, x = build(method, args), torch.randn(args.tokens, args.dim)
-    # The same step first, so that the libraries' one-off allocations are not counted. Its gradients
-    # are freed and handed back to the OS; the measured step then peaks exactly as high as it did,
-    # so the maximum resident set (which never resets) is that step's peak.
+    # The same step first, so that the libraries' one-off allocations are not counted; its gradients
+    # are freed and handed back to the OS.
     step(module, x)
     module.zero_grad(set_to_none=True)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
+    # Reset the kernel's peak resident set (VmHWM), which otherwise holds the imports' peak.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     before = resident_bytes()
     step(module, x)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    with open("/proc/self/status") as f:
+        peak_kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return peak_kib * 1024 - before
 
 
 def main() -> None:
