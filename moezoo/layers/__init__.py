@@ -6,6 +6,7 @@ from moezoo.layers.mlp import MLP
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.moe import MoE, RouterFactory
 from moezoo.layers.multimodal_moe import MultimodalMoE
+from moezoo.layers.peer import PEER
 from moezoo.layers.placement import moe_block_indices
 from moezoo.layers.routed import (
     RoutedLayer,
@@ -27,6 +28,7 @@ __all__ = [
     "MixtureOfAttentionHeads",
     "MoE",
     "MultimodalMoE",
+    "PEER",
     "RotaryEmbedding",
     "RoutedLayer",
     "RouterFactory",

@@ -8,6 +8,7 @@ frozen parameters get no optimiser state.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,6 +20,7 @@ from moezoo.layers.routed import routed_layers
 from moezoo.routers.base import set_routing
 
 __all__ = [
+    "BranchTrainMix",
     "EvalCapacity",
     "ExpertDropout",
     "ExpertSpecialisedFineTuning",
@@ -203,3 +205,39 @@ class ExpertSpecialisedFineTuning(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         for p, keep, saved in self._frozen:
             p.copy_(torch.where(keep, p, saved))
+
+
+class BranchTrainMix(Callback):
+    """Branch-Train-MiX (arXiv 2403.07816): replace the task's dense ViT by the MoE merged from N dense
+    parents of its architecture (see :func:`moezoo.zoo.btx.branch_train_mix`), then train on.
+
+    Args:
+        parents: N >= 2 weights of the task's architecture, each a checkpoint path (safetensors or
+            ``moezoo fit`` ``.ckpt``) or, if no such file exists, a zoo entry name (its published,
+            hash-checked weights).
+        k, aux_loss_weights: those of :func:`~moezoo.zoo.btx.branch_train_mix`.
+    """
+
+    def __init__(self, parents: list[str], k: int = 2, aux_loss_weights: dict[str, float] | None = None) -> None:
+        if len(parents) < 2:
+            raise ValueError(f"BranchTrainMix: parents must list at least 2 entries or checkpoints, got {parents!r}")
+        self.parents, self.k, self.aux_loss_weights = list(parents), k, aux_loss_weights
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import copy
+
+        from moezoo.zoo.btx import branch_train_mix
+        from moezoo.zoo.checkpoint import load_checkpoint
+        from moezoo.zoo.registry import load_pretrained
+
+        if routed_layers(_model(pl_module)):
+            return  # already merged (e.g. resumed from a BTX checkpoint)
+        loaded = []
+        for parent in self.parents:
+            model = copy.deepcopy(_model(pl_module))
+            if Path(parent).exists():
+                load_checkpoint(model, parent)
+            else:  # not a file: a zoo entry (an unknown name is the registry's error)
+                load_pretrained(model, parent)
+            loaded.append(model)
+        pl_module.model = branch_train_mix(loaded, k=self.k, aux_loss_weights=self.aux_loss_weights)
