@@ -4,7 +4,9 @@ from moezoo.routers import functional, losses
 from moezoo.routers.balanced import BalancedAssignmentRouter
 from moezoo.routers.base import Router, set_routing
 from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, BatchPrioritizedRouter, bpr_router_factory
+from moezoo.routers.dense_training import DenseTrainingRouter, mutual_information_loss
 from moezoo.routers.expert_choice import ExpertChoiceRouter
+from moezoo.routers.forced_balance import ForcedBalanceRouter
 from moezoo.routers.group_limited import GroupLimitedRouter
 from moezoo.routers.hash import HashRouter
 from moezoo.routers.moa import MoARouter
@@ -20,7 +22,9 @@ from moezoo.routers.top_k import TopKRouter
 __all__ = [
     "BalancedAssignmentRouter",
     "BatchPrioritizedRouter",
+    "DenseTrainingRouter",
     "ExpertChoiceRouter",
+    "ForcedBalanceRouter",
     "GroupLimitedRouter",
     "HashRouter",
     "MoARouter",
@@ -37,5 +41,6 @@ __all__ = [
     "bpr_router_factory",
     "functional",
     "losses",
+    "mutual_information_loss",
     "set_routing",
 ]
