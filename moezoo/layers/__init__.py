@@ -2,6 +2,7 @@
 
 from moezoo.layers.attention import RotaryEmbedding, attention_mask
 from moezoo.layers.experts import ExpertBank, Experts, LinearExperts
+from moezoo.layers.fine_grained import FineGrainedConfig, fine_grained_config, fine_grained_moe
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.moe import MoE, RouterFactory
@@ -24,6 +25,7 @@ __all__ = [
     "MLP",
     "ExpertBank",
     "Experts",
+    "FineGrainedConfig",
     "LinearExperts",
     "MixtureOfAttentionHeads",
     "MoE",
@@ -36,6 +38,8 @@ __all__ = [
     "SwitchHeadAttention",
     "attention_mask",
     "aux_loss",
+    "fine_grained_config",
+    "fine_grained_moe",
     "moe_block_indices",
     "parameter_counts",
     "register_router_updates",

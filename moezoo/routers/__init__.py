@@ -4,8 +4,10 @@ from moezoo.routers import functional, losses
 from moezoo.routers.balanced import BalancedAssignmentRouter
 from moezoo.routers.base import Router, set_routing
 from moezoo.routers.batch_prioritized import VMOE_LOSS_WEIGHTS, BatchPrioritizedRouter, bpr_router_factory
+from moezoo.routers.dense_training import DenseTrainingRouter
 from moezoo.routers.dselect_k import DSelectKRouter
 from moezoo.routers.expert_choice import ExpertChoiceRouter
+from moezoo.routers.forced_balance import ForcedBalanceRouter
 from moezoo.routers.group_limited import GroupLimitedRouter
 from moezoo.routers.hash import HashRouter
 from moezoo.routers.moa import MoARouter
@@ -22,7 +24,9 @@ __all__ = [
     "BalancedAssignmentRouter",
     "BatchPrioritizedRouter",
     "DSelectKRouter",
+    "DenseTrainingRouter",
     "ExpertChoiceRouter",
+    "ForcedBalanceRouter",
     "GroupLimitedRouter",
     "HashRouter",
     "MoARouter",

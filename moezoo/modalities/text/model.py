@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from moezoo.checks import require_float, require_int
 from moezoo.layers.attention import MultiHeadAttention
+from moezoo.layers.fine_grained import fine_grained_config
 from moezoo.layers.mlp import MLP
 from moezoo.layers.moa import MixtureOfAttentionHeads
 from moezoo.layers.moe import MoE, RouterFactory
@@ -123,7 +124,10 @@ class TransformerLM(nn.Module):
     - ``mlp="dense"``: ``fc2(drop(relu(fc1(x))))`` of ``mlp_hidden``, with biases when ``mlp_bias``
       (the SwitchHead/σ-MoE baselines').
     - ``mlp="moe"``: :class:`~moezoo.layers.MoE` of ``mlp_experts`` experts of ``mlp_hidden``
-      (``router``: a factory, default top-``mlp_k`` softmax, Switch/GShard losses 0.01).
+      (``router``: a factory, default top-``mlp_k`` softmax, Switch/GShard losses 0.01). With
+      ``mlp_granularity`` m and ``mlp_shared_experts`` K_s it is DeepSeekMoE's layout of that layer
+      (:func:`~moezoo.layers.fine_grained.fine_grained_config`: ``m E - K_s`` routed experts of
+      ``mlp_hidden / m``, ``m k - K_s`` active, plus K_s ungated shared ones; same active parameters).
     - ``mlp="sigma_moe"``: :func:`sigma_moe` with ``mlp_experts`` experts of ``mlp_hidden``,
       ``mlp_k`` active, ``mlp_expert_dropout``, entropy weight ``sigma_moe_entropy``.
 
@@ -185,6 +189,8 @@ class TransformerLM(nn.Module):
         mlp_experts: int = 8,
         mlp_k: int = 2,
         mlp_expert_dropout: float = 0.0,
+        mlp_granularity: int = 1,
+        mlp_shared_experts: int = 0,
         sigma_moe_entropy: float = 1e-3,
         router: RouterFactory | None = None,
         dropout: float = 0.0,
@@ -228,7 +234,10 @@ class TransformerLM(nn.Module):
             if mlp == "dense":
                 ffn = MLP(dim, mlp_hidden, "relu", bias=mlp_bias, dropout=dropout, drop_output=False)
             elif mlp == "moe":
-                ffn = MoE(dim, mlp_hidden, mlp_experts, router or (lambda d, e: TopKRouter(d, e, k=mlp_k)),
+                fine = fine_grained_config(mlp_experts, mlp_k, mlp_hidden, mlp_granularity, mlp_shared_experts)
+                ffn = MoE(dim, fine.hidden, fine.num_experts,
+                          router or (lambda d, e, k=fine.k: TopKRouter(d, e, k=k)),
+                          shared_experts=fine.shared_experts, shared_hidden=fine.hidden,
                           activation="relu", bias=False, backend=backend,
                           aux_loss_weights=aux_loss_weights or {"load_balancing": 0.01})
             else:

@@ -11,6 +11,7 @@ from timm.layers import register_notrace_module
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import Tensor, nn
 
+from moezoo.layers.fine_grained import fine_grained_config
 from moezoo.layers.moe import MoE, RouterFactory
 from moezoo.layers.placement import moe_block_indices
 from moezoo.layers.soft_moe import SoftMoE
@@ -104,6 +105,10 @@ class VisionTransformerMoE(_ClassifierViT):
             in float32 (vmoe's ``dispatcher.bfloat16``, on in its released configs).
         identical_init: all experts start as the same MLP (V-MoE); else independently.
         expert_dropout: dropout inside the experts.
+        granularity, shared_experts: DeepSeekMoE's m and K_s
+            (:func:`~moezoo.layers.fine_grained.fine_grained_config`): ``m E - K_s`` routed experts of
+            width ``hidden / m``, ``m k - K_s`` per token, plus K_s ungated shared experts; the
+            active expert parameters stay those of (E, k). Defaults: the plain V-MoE layer.
         router: a router factory ``(dim, num_experts) -> router`` replacing the BPR router.
         aux_loss_weights: coefficients of the router losses (default: V-MoE's 0.005 / 0.005).
         backend: expert-computation backend.
@@ -128,6 +133,8 @@ class VisionTransformerMoE(_ClassifierViT):
         bfloat16_dispatch: bool = False,
         identical_init: bool = True,
         expert_dropout: float = 0.0,
+        granularity: int = 1,
+        shared_experts: int = 0,
         router: RouterFactory | None = None,
         aux_loss_weights: Mapping[str, float] | None = None,
         backend: str = "auto",
@@ -152,9 +159,11 @@ class VisionTransformerMoE(_ClassifierViT):
             group_size = group_images * self.tokens_per_image * ensemble_size
         else:
             group_images = None
+        hidden = self.blocks[0].mlp.fc1.out_features
+        fine = fine_grained_config(num_experts, k, hidden, granularity, shared_experts)
         if router is None:
             router = bpr_router_factory(
-                k,
+                fine.k,
                 noise_std=noise_std,
                 capacity_factor=capacity_factor,
                 eval_capacity_factor=eval_capacity_factor,
@@ -167,9 +176,11 @@ class VisionTransformerMoE(_ClassifierViT):
         for i in self.moe_indices:
             moe = VisionMoE(
                 self.embed_dim,
-                self.blocks[i].mlp.fc1.out_features,
-                num_experts,
+                fine.hidden,
+                fine.num_experts,
                 router,
+                shared_experts=fine.shared_experts,
+                shared_hidden=fine.hidden,
                 group_images=group_images,
                 ensemble_size=ensemble_size,
                 activation=activation,
