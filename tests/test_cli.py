@@ -45,6 +45,41 @@ def test_every_config_parses_under_moezoo_and_a_plain_lightning_cli(config, caps
     assert "class_path" in capsys.readouterr().out
 
 
+def _printed(config: Path, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+#: Configs that build and fit offline as shipped (the others need a GPU, a download or a dataset
+#: folder); the default suite fits the two whose printed config used not to read back.
+OFFLINE_CONFIGS = [ROOT / "configs" / c for c in (
+    "vision/vit_ti_digits.yaml", "recipes/upcycle_vit.yaml", "vision/vmoe_ti_digits.yaml",
+    "vision/soft_moe_ti_digits.yaml", "language_image/limoe_ti_glyphs.yaml", "text/lm_moa_pydoc.yaml",
+    "text/lm_switchhead_pydoc.yaml", "text/lm_sigma_moe_pydoc.yaml", "text/moa_translation_dates.yaml",
+    "speech/speechmoe_tiny_espeak.yaml", "timeseries/time_moe_tiny.yaml")]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_printed_config_reads_back_as_itself(config, capsys, tmp_path):
+    # jsonargparse once printed timm's class-valued defaults (embed_layer=PatchEmbed) as a
+    # class_path that read back as an instance; a printed config must print the same again.
+    printed = _printed(config, capsys)
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert _printed(tmp_path / "printed.yaml", capsys) == printed
+
+
+@pytest.mark.parametrize("config", [c if c.name in ("vit_ti_digits.yaml", "upcycle_vit.yaml")
+                                    else pytest.param(c, marks=pytest.mark.slow) for c in OFFLINE_CONFIGS],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_printed_config_fits_with_fast_dev_run(config, capsys, tmp_path, monkeypatch):
+    (tmp_path / "printed.yaml").write_text(_printed(config, capsys))
+    monkeypatch.chdir(tmp_path)  # the configs' run folders are relative
+    assert main(["fit", "--config", str(tmp_path / "printed.yaml"), "--trainer.fast_dev_run", "1",
+                 "--trainer.default_root_dir", str(tmp_path)]) == 0
+
+
 def test_configs_run_under_a_plain_lightning_cli(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(
