@@ -299,6 +299,7 @@ class SoftMoEVisionTransformer(_ClassifierViT):
         bfloat16_dispatch: expert inputs and outputs rounded to bfloat16 (vmoe's ``SoftRouter``
             always does).
         backend: expert-computation backend.
+        class_token, global_pool: must stay False and "avg" (timm's arguments, fixed by Soft MoE).
     """
 
     def __init__(
@@ -314,12 +315,16 @@ class SoftMoEVisionTransformer(_ClassifierViT):
         expert_dropout: float = 0.0,
         bfloat16_dispatch: bool = False,
         backend: str = "auto",
+        class_token: bool = False,
+        global_pool: str = "avg",
         **timm_kwargs,
     ) -> None:
-        for name, fixed in (("class_token", False), ("global_pool", "avg")):
-            if timm_kwargs.get(name, fixed) != fixed:
+        # Named here, not left to **timm_kwargs, so that a printed config (jsonargparse reads the
+        # signature) carries these values and not timm's defaults, which this model refuses.
+        for name, value, fixed in (("class_token", class_token, False), ("global_pool", global_pool, "avg")):
+            if value != fixed:
                 raise ValueError(f"SoftMoEVisionTransformer: {name} must be {fixed!r} (Soft MoE mixes all tokens of an "
-                                 f"image and pools them), got {timm_kwargs[name]!r}")
+                                 f"image and pools them), got {value!r}")
         timm_kwargs.update(class_token=False, global_pool="avg")
         super().__init__(activation=activation, representation_size=representation_size, qk_norm=qk_norm,
                          fc_norm=bool(fc_norm), **timm_kwargs)
