@@ -83,8 +83,8 @@ for name, (description, args, architecture, tags) in TINY_ENTRIES.items():
                 "The corpus is CPython's pydoc_data.topics, whose text changes between CPython minor versions "
                 "(figures were measured on 3.11). Weights ship in float16. "
                 "These weights predate issue 24's changes to the text LMs (the authors' initialisation, MLP and "
-                "head biases): the entry keeps the earlier architecture so they load, while its config now "
-                "trains the new one, whose figures were not measured."
+                "head biases): the entry and its config keep the earlier architecture so they load; a fresh fit "
+                "of the config starts from the authors' initialisation, and its figures were not measured."
             ),
         },
         **TINY,
