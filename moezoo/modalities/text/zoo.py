@@ -84,7 +84,8 @@ for name, (description, args, architecture, tags) in TINY_ENTRIES.items():
                 "(figures were measured on 3.11). Weights ship in float16. "
                 "These weights predate issue 24's changes to the text LMs (the authors' initialisation, MLP and "
                 "head biases): the entry and its config keep the earlier architecture so they load; a fresh fit "
-                "of the config starts from the authors' initialisation, and its figures were not measured."
+                "of the config starts from the authors' initialisation (README: the re-measured columns, "
+                "benchmarks/results/text_attention_moe_retrained.json)."
             ),
         },
         **TINY,
