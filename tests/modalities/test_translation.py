@@ -112,7 +112,6 @@ class _Data:
 
 
 def test_validation_logs_loss_perplexity_and_bleu_of_greedy_translations(monkeypatch):
-    pytest.importorskip("sacrebleu")
     model = small_model()
     task = Translation(model)
     monkeypatch.setattr(Translation, "_datamodule", lambda self: _Data())
@@ -132,7 +131,6 @@ def test_validation_logs_loss_perplexity_and_bleu_of_greedy_translations(monkeyp
 
 
 def test_test_stage_bleu_is_corpus_bleu_by_hand(monkeypatch):
-    pytest.importorskip("sacrebleu")
     model = small_model()
     task = Translation(model)
     monkeypatch.setattr(Translation, "_datamodule", lambda self: _Data())
