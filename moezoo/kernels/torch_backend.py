@@ -236,21 +236,9 @@ def _grouped_mm_expert_mlp(x: Tensor, tok: Tensor, wgt: Tensor, counts: Tensor, 
     return x.new_zeros(x.shape[0], y.shape[-1]).index_add_(0, tok, y * wgt.unsqueeze(1))
 
 
-def expert_mlp_torch(
-    x: Tensor,
-    token: Tensor,
-    expert: Tensor,
-    weight: Tensor,
-    w_in: Tensor,
-    w_out: Tensor | None,
-    activation: str = "gelu",
-    *,
-    b_in: Tensor | None = None,
-    b_out: Tensor | None = None,
-    gated: bool = False,
-    dropout: float = 0.0,
-    training: bool = False,
-) -> Tensor:
+def expert_mlp_torch(x: Tensor, token: Tensor, expert: Tensor, weight: Tensor, w_in: Tensor, w_out: Tensor | None,
+                     activation: str = "gelu", *, b_in: Tensor | None = None, b_out: Tensor | None = None,
+                     gated: bool = False, dropout: float = 0.0, training: bool = False) -> Tensor:
     """``out[t] = sum_{a: token[a]=t} weight[a] * mlp_{expert[a]}(x[t])``; see :func:`moezoo.kernels.expert_mlp`.
 
     Shapes: x (tokens, dim); token, expert, weight (A,); w_in (E, dim, W); w_out (E, hidden, dim_out)

@@ -80,41 +80,22 @@ else:
     # fit the 99 KiB of consumer GPUs, gated and in fp32, and 64x64x32 on 8 warps is the gated
     # GEMM's spill-free tile for FMA dots.
     _GEMM_TILES = [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (128, 64, 64, 8, 4),
-        (64, 128, 64, 4, 4),
-        (64, 256, 64, 8, 3),
-        (64, 64, 64, 4, 3),
-        (128, 128, 32, 8, 3),
-        (128, 64, 32, 8, 3),
-        (64, 128, 32, 4, 3),
-        (64, 64, 32, 4, 3),
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+        (128, 64, 64, 8, 4), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 64, 64, 4, 3),
+        (128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3),
         (64, 64, 32, 8, 3),
     ]
     # The backward kernel 3 keeps ~5 fp32 tiles live in its epilogue: at most 32 accumulators per
     # thread, 16 with TF32 (see _ACCUMULATORS).
     _EPILOGUE_TILES = [
-        (128, 64, 64, 8, 4),
-        (64, 128, 64, 8, 4),
-        (128, 64, 64, 8, 3),
-        (64, 64, 64, 4, 4),
-        (128, 64, 32, 8, 3),
-        (64, 64, 32, 4, 3),
-        (64, 64, 32, 8, 3),
+        (128, 64, 64, 8, 4), (64, 128, 64, 8, 4), (128, 64, 64, 8, 3), (64, 64, 64, 4, 4),
+        (128, 64, 32, 8, 3), (64, 64, 32, 4, 3), (64, 64, 32, 8, 3),
     ]
     # (BLOCK_P, BLOCK_Q, BLOCK_K = rows per step, num_warps, num_stages); every stage is a real
     # buffer here (see _wgrad_loop), so stages cost shared memory linearly.
     _WGRAD_TILES = [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 5),
-        (64, 128, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-        (64, 64, 16, 4, 4),
+        (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 4, 4), (128, 64, 64, 4, 5),
+        (64, 128, 64, 4, 4), (64, 64, 32, 4, 4), (64, 64, 16, 4, 4),
     ]
     # Memory-bound reductions: bias column sums keep a (rows, columns) fp32 tile; the per-token sum
     # keeps one row, so it takes wider column blocks (16-byte loads over 128 threads).

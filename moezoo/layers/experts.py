@@ -174,20 +174,9 @@ class Experts(ExpertBank):
         bfloat16_dispatch: see :class:`ExpertBank`.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-        num_experts: int,
-        activation: str = "gelu",
-        *,
-        gated: bool = False,
-        bias: bool = True,
-        dropout: float = 0.0,
-        identical_init: bool = False,
-        backend: str = "auto",
-        bfloat16_dispatch: bool = False,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, num_experts: int, activation: str = "gelu", *, gated: bool = False,
+                 bias: bool = True, dropout: float = 0.0, identical_init: bool = False, backend: str = "auto",
+                 bfloat16_dispatch: bool = False) -> None:
         super().__init__(num_experts, backend=backend, bfloat16_dispatch=bfloat16_dispatch)
         self.dim = require_int("Experts", "dim", dim)
         self.hidden = require_int("Experts", "hidden", hidden)

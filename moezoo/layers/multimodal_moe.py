@@ -43,20 +43,10 @@ class MultimodalMoE(RoutedLayer):
         aux_loss_weights: coefficient per loss name, e.g. ``{"text/global_entropy": 0.01}``.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-        num_experts: int = 8,
-        router: nn.Module | RouterFactory | None = None,
-        *,
-        entropy_thresholds: Mapping[str, float] | None = None,
-        activation: str = "gelu",
-        dropout: float = 0.0,
-        backend: str = "auto",
-        bfloat16_dispatch: bool = False,
-        aux_loss_weights: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, dim: int, hidden: int, num_experts: int = 8, router: nn.Module | RouterFactory | None = None, *,
+                 entropy_thresholds: Mapping[str, float] | None = None, activation: str = "gelu", dropout: float = 0.0,
+                 backend: str = "auto", bfloat16_dispatch: bool = False,
+                 aux_loss_weights: Mapping[str, float] | None = None) -> None:
         super().__init__(aux_loss_weights)
         router = resolve_router("MultimodalMoE", router, dim, num_experts,
                                 lambda: BatchPrioritizedRouter(dim, num_experts, k=1))

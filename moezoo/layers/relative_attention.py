@@ -103,8 +103,7 @@ class RelativeMultiHeadAttention(nn.Module):
                 raise ValueError(f"RelativeMultiHeadAttention: dim={dim} must be a multiple of num_heads={num_heads} "
                                  "when head_dim is not given")
             head_dim = dim // num_heads
-        if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
-            raise ValueError(f"RelativeMultiHeadAttention: head_dim must be an int >= 1, got {head_dim!r}")
+        require_int("RelativeMultiHeadAttention", "head_dim", head_dim)
         if dim % 2:
             raise ValueError(f"RelativeMultiHeadAttention: dim must be even (sin/cos channel pairs), got {dim}")
         if not 0.0 <= dropout < 1.0:

@@ -72,20 +72,9 @@ class SwitchHeadCore(RoutedLayer):
         aux_loss_weights: coefficient per loss name (default none: the paper uses no regulariser).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 2,
-        num_experts: int = 4,
-        head_dim: int | None = None,
-        k: int = 2,
-        *,
-        dropout: float = 0.0,
-        expert_dropout: float = 0.0,
-        init_scale: float = 1.0,
-        backend: str = "auto",
-        aux_loss_weights: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int = 2, num_experts: int = 4, head_dim: int | None = None, k: int = 2, *,
+                 dropout: float = 0.0, expert_dropout: float = 0.0, init_scale: float = 1.0, backend: str = "auto",
+                 aux_loss_weights: Mapping[str, float] | None = None) -> None:
         super().__init__(aux_loss_weights)
         name = type(self).__name__
         for field, value in (("dim", dim), ("num_heads", num_heads), ("num_experts", num_experts), ("k", k)):
@@ -197,22 +186,10 @@ class SwitchHeadAttention(SwitchHeadCore):
         rope_base: RoPE base.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 2,
-        num_experts: int = 4,
-        head_dim: int | None = None,
-        k: int = 2,
-        *,
-        dropout: float = 0.0,
-        expert_dropout: float = 0.0,
-        rotate_fraction: float = 0.5,
-        rope_base: float = 10000.0,
-        init_scale: float = 1.0,
-        backend: str = "auto",
-        aux_loss_weights: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int = 2, num_experts: int = 4, head_dim: int | None = None, k: int = 2, *,
+                 rotate_fraction: float = 0.5, rope_base: float = 10000.0, dropout: float = 0.0,
+                 expert_dropout: float = 0.0, init_scale: float = 1.0, backend: str = "auto",
+                 aux_loss_weights: Mapping[str, float] | None = None) -> None:
         super().__init__(dim, num_heads, num_experts, head_dim, k, dropout=dropout, expert_dropout=expert_dropout,
                          init_scale=init_scale, backend=backend, aux_loss_weights=aux_loss_weights)
         self.rope = RotaryEmbedding(self.head_dim, rotate_fraction, rope_base)
@@ -259,20 +236,9 @@ class SwitchHeadXLAttention(SwitchHeadCore):
     Args: see :class:`SwitchHeadCore` (``dropout``: on keys and position keys).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int = 2,
-        num_experts: int = 4,
-        head_dim: int | None = None,
-        k: int = 2,
-        *,
-        dropout: float = 0.0,
-        expert_dropout: float = 0.0,
-        init_scale: float = 1.0,
-        backend: str = "auto",
-        aux_loss_weights: Mapping[str, float] | None = None,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int = 2, num_experts: int = 4, head_dim: int | None = None, k: int = 2, *,
+                 dropout: float = 0.0, expert_dropout: float = 0.0, init_scale: float = 1.0, backend: str = "auto",
+                 aux_loss_weights: Mapping[str, float] | None = None) -> None:
         super().__init__(dim, num_heads, num_experts, head_dim, k, dropout=dropout, expert_dropout=expert_dropout,
                          init_scale=init_scale, backend=backend, aux_loss_weights=aux_loss_weights)
         if dim % 2:

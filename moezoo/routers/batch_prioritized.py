@@ -63,23 +63,11 @@ class BatchPrioritizedRouter(Router):
     when noise is applied (training with ``noise_std > 0``). V-MoE weighs each by 0.005.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int = 32,
-        k: int = 2,
-        *,
-        noise_std: float = 1.0,
-        capacity_factor: float = 1.05,
-        eval_capacity_factor: float | None = None,
-        batch_priority: bool = True,
-        group_size: int | None = None,
-        capacity_multiple_of: int | None = 4,
-        priority: str = "max",
-        normalize: bool = False,
-        ensemble_size: int = 1,
-        check_finite: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, num_experts: int = 32, k: int = 2, *, noise_std: float = 1.0,
+                 capacity_factor: float = 1.05, eval_capacity_factor: float | None = None,
+                 batch_priority: bool = True, group_size: int | None = None, capacity_multiple_of: int | None = 4,
+                 priority: str = "max", normalize: bool = False, ensemble_size: int = 1,
+                 check_finite: bool = True) -> None:
         if capacity_factor is None:
             raise ValueError(f"{type(self).__name__}: capacity_factor must be a number > 0, got None")
         super().__init__(dim, num_experts, k, capacity_factor=capacity_factor,

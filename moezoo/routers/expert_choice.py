@@ -29,15 +29,8 @@ class ExpertChoiceRouter(Router):
     Losses: ``z_loss``.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        capacity_factor: float = 2.0,
-        *,
-        eval_capacity_factor: float | None = None,
-        check_finite: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, num_experts: int, capacity_factor: float = 2.0, *,
+                 eval_capacity_factor: float | None = None, check_finite: bool = True) -> None:
         if capacity_factor is None:
             raise ValueError(f"{type(self).__name__}: capacity_factor must be a number > 0, got None")
         super().__init__(dim, num_experts, capacity_factor=capacity_factor,

@@ -49,24 +49,10 @@ class GroupLimitedRouter(SigmoidRouter):
     for ``scores="softmax"``, with the G groups as the devices).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int = 8,
-        *,
-        num_groups: int = 8,
-        topk_group: int = 4,
-        group_top: int = 2,
-        scores: str = "sigmoid",
-        normalize: bool = False,
-        normalize_eps: float = 0.0,
-        scale: float = 1.0,
-        bias_update_rate: float = 0.0,
-        sequence_length: int | None = None,
-        device_balance: bool = False,
-        check_finite: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, num_experts: int, k: int = 8, *, num_groups: int = 8, topk_group: int = 4,
+                 group_top: int = 2, scores: str = "sigmoid", normalize: bool = False, normalize_eps: float = 0.0,
+                 scale: float = 1.0, bias_update_rate: float = 0.0, sequence_length: int | None = None,
+                 device_balance: bool = False, check_finite: bool = True) -> None:
         super().__init__(dim, num_experts, k, normalize=normalize, normalize_eps=normalize_eps, scale=scale,
                          bias_update_rate=bias_update_rate, sequence_length=sequence_length,
                          check_finite=check_finite)

@@ -48,19 +48,9 @@ class SigmoidRouter(Router):
     routing map does; the paper's eq. 18 writes the indicator on the top-k of the raw scores.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int = 2,
-        *,
-        normalize: bool = False,
-        normalize_eps: float = 0.0,
-        scale: float = 1.0,
-        bias_update_rate: float = 0.0,
-        sequence_length: int | None = None,
-        check_finite: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, num_experts: int, k: int = 2, *, normalize: bool = False, normalize_eps: float = 0.0,
+                 scale: float = 1.0, bias_update_rate: float = 0.0, sequence_length: int | None = None,
+                 check_finite: bool = True) -> None:
         super().__init__(dim, num_experts, k, check_finite=check_finite)
         name = type(self).__name__
         self.sequence_length = None if sequence_length is None else require_int(name, "sequence_length",

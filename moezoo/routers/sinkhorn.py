@@ -29,16 +29,8 @@ class SinkhornRouter(Router):
     Losses: ``z_loss``.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_experts: int,
-        k: int = 1,
-        *,
-        num_iters: int = 100,
-        tol: float = 1e-4,
-        check_finite: bool = True,
-    ) -> None:
+    def __init__(self, dim: int, num_experts: int, k: int = 1, *, num_iters: int = 100, tol: float = 1e-4,
+                 check_finite: bool = True) -> None:
         super().__init__(dim, num_experts, k, check_finite=check_finite)
         self.num_iters = require_int(type(self).__name__, "num_iters", num_iters)
         self.tol = require_float(type(self).__name__, "tol", tol)
@@ -46,7 +38,6 @@ class SinkhornRouter(Router):
     def route(self, x: Tensor, *, token_ids: Tensor | None, positions: Tensor | None,
               capacity_groups: list[int] | None) -> Routing:
         logits = self.compute_logits(x)
-        num_tokens, num_experts = logits.shape
         probs = torch.softmax(logits, dim=-1)
         if self.training:
             with torch.no_grad():
@@ -54,5 +45,5 @@ class SinkhornRouter(Router):
         else:
             selection = probs.detach()
         token, expert, _ = RF.top_k_assign(selection, self.k)
-        return self.finish(token, expert, probs[token, expert], num_tokens, logits=logits, probs=probs,
+        return self.finish(token, expert, probs[token, expert], logits.shape[0], logits=logits, probs=probs,
                            losses={"z_loss": L.z_loss(logits)})

@@ -9,6 +9,7 @@ from moezoo.zoo.registry import (
     get_entry,
     list_models,
     register_model,
+    register_shipped,
     shipped_weights,
 )
 from moezoo.zoo.upcycling import upcycle_vit
@@ -24,6 +25,7 @@ __all__ = [
     "load_checkpoint",
     "read_state_dict",
     "register_model",
+    "register_shipped",
     "save_checkpoint",
     "sha256_of",
     "shipped_weights",

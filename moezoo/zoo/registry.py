@@ -23,6 +23,7 @@ from moezoo.zoo.checkpoint import CheckpointError, StateDictAdapter, load_checkp
 __all__ = [
     "ModelEntry",
     "PretrainedCfg",
+    "ShippedEvaluation",
     "create_model",
     "download_url",
     "export_model",
@@ -34,6 +35,7 @@ __all__ = [
     "load_pretrained",
     "push_to_hub",
     "register_model",
+    "register_shipped",
     "shipped_weights",
     "url_cache_path",
 ]
@@ -273,6 +275,56 @@ def register_model(
                        feature_wrapper, hf_config, hf_model_type, from_hf_config)
     _REGISTRY[name] = entry
     return entry
+
+
+@dataclass(frozen=True)
+class ShippedEvaluation:
+    """How the card figures of a shipped entry are measured: ``evaluate`` ("module:function", see
+    :class:`ModelEntry`) on ``split`` of the data named ``dataset_name`` (hub ids ``datasets``), for
+    the hub's ``task``; ``card_metrics`` are the headline figures, the first the one ``zoo eval``
+    compares."""
+
+    evaluate: str
+    dataset_name: str
+    datasets: tuple[str, ...]
+    split: str
+    task: str
+    card_metrics: tuple[str, ...]
+
+
+def register_shipped(
+    name: str,
+    builder: Callable[..., nn.Module],
+    *,
+    modality: str,
+    input_spec: dict[str, Any],
+    evaluation: ShippedEvaluation,
+    tags: Sequence[str],
+    architecture: str,
+    limitations: str,
+    license: str = "apache-2.0",
+    register: Callable[..., ModelEntry] | None = None,
+    **entry: Any,
+) -> ModelEntry:
+    """:func:`register_model` (or a modality's wrapper of it, ``register``) for an entry whose weights
+    ship inside the package: its weights are :func:`shipped_weights` ``(name)``, its config
+    ``configs/<modality>/<name>.yaml`` and its card ``model_cards/<name>.md`` (the paths
+    ``moezoo zoo release`` and the card tests rely on), the card telling ``evaluation``, the hub
+    ``tags`` (after "moezoo"), ``architecture`` and ``limitations``."""
+    pretrained_cfg = shipped_weights(name, license=license, input_spec=input_spec, card=f"model_cards/{name}.md")
+    card = {
+        "config": f"configs/{modality}/{name}.yaml",
+        "dataset_name": evaluation.dataset_name,
+        "datasets": list(evaluation.datasets),
+        "split": evaluation.split,
+        "tags": ["moezoo", *tags],
+        "task": evaluation.task,
+        "card_metrics": list(evaluation.card_metrics),
+        "architecture": architecture,
+        "limitations": limitations,
+    }
+    return (register or register_model)(name, builder, modality=modality, pretrained_cfg=pretrained_cfg,
+                                        evaluate=evaluation.evaluate, card=card, **entry)
 
 
 def get_entry(name: str) -> ModelEntry:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from moezoo.modalities.language_image.model import LIMoE
-from moezoo.zoo.registry import register_model, shipped_weights
+from moezoo.zoo.registry import ShippedEvaluation, register_model, register_shipped
 
 #: The model of configs/language_image/limoe_ti_glyphs.yaml.
 LIMOE_TI_GLYPHS = dict(
@@ -32,45 +32,37 @@ register_model(
     )},
 )
 
-register_model(
+_GLYPHS_TEST = ShippedEvaluation(
+    "moezoo.modalities.language_image.evaluate:evaluate_glyphs", task="zero-shot-image-classification", split="test",
+    dataset_name="built-in glyphs (62 letters and digits in matplotlib's 21 text fonts; test = 3 unseen fonts)",
+    datasets=("moezoo-glyphs",), card_metrics=("zero_shot_accuracy", "i2t_recall@1", "t2i_recall@1"))
+
+register_shipped(
     "limoe_ti_glyphs",
     LIMoE,
     modality="language_image",
+    input_spec={"image_size": 32, "channels": 1, "pixel_range": "[-1, 1]", "max_text_len": 16,
+                "tokenizer": "moezoo.modalities.language_image.build_tokenizer over the built-in captions"},
     description="LIMoE-Ti on built-in captioned glyphs (62 characters x 21 fonts), 8 experts top-1 every 2nd block",
-    pretrained_cfg=shipped_weights(
-        "limoe_ti_glyphs",
-        license="apache-2.0",
-        input_spec={"image_size": 32, "channels": 1, "pixel_range": "[-1, 1]", "max_text_len": 16,
-                    "tokenizer": "moezoo.modalities.language_image.build_tokenizer over the built-in captions"},
-        card="model_cards/limoe_ti_glyphs.md",
+    evaluation=_GLYPHS_TEST,
+    tags=["mixture-of-experts", "limoe", "contrastive", "zero-shot-image-classification"],
+    architecture=(
+        "One transformer tower (width 96, 6 pre-LN blocks, 3 heads) shared by 32x32 grey images (4x4 "
+        "patches, 64 tokens) and text (word-level tokenizer built from the captions, up to 16 tokens); "
+        "modality-specific embeddings, mean pooling and projection heads (64-d), CLIP-style contrastive "
+        "loss with a learned temperature. Blocks 1, 3 and 5 hold a MultimodalMoE: 8 experts (96 -> 384 "
+        "-> 96, GELU), V-MoE's Batch Prioritized Router with k=1 and C=1.05 applied per modality (image "
+        "and text tokens have separate expert buffers). Losses per modality: importance and load "
+        "(0.005 each) and LIMoE's local entropy and global entropy (0.01 each; text's global entropy "
+        "thresholded at log 2). Importance and load weights are V-MoE's (google-research/vmoe "
+        "vmoe/configs/vmoe_paper/common.py); the entropy weights and the threshold are moezoo's: LIMoE's "
+        "own values were not found (arXiv 2206.02770 not recovered beyond its introduction; LIMoE's "
+        "training code is not public). In training the entropy losses are over every process's tokens."
     ),
-    evaluate="moezoo.modalities.language_image.evaluate:evaluate_glyphs",
-    card={
-        "config": "configs/language_image/limoe_ti_glyphs.yaml",
-        "dataset_name": "built-in glyphs (62 letters and digits in matplotlib's 21 text fonts; test = 3 unseen fonts)",
-        "datasets": ["moezoo-glyphs"],
-        "split": "test",
-        "tags": ["moezoo", "mixture-of-experts", "limoe", "contrastive", "zero-shot-image-classification"],
-        "task": "zero-shot-image-classification",
-        "card_metrics": ["zero_shot_accuracy", "i2t_recall@1", "t2i_recall@1"],
-        "architecture": (
-            "One transformer tower (width 96, 6 pre-LN blocks, 3 heads) shared by 32x32 grey images (4x4 "
-            "patches, 64 tokens) and text (word-level tokenizer built from the captions, up to 16 tokens); "
-            "modality-specific embeddings, mean pooling and projection heads (64-d), CLIP-style contrastive "
-            "loss with a learned temperature. Blocks 1, 3 and 5 hold a MultimodalMoE: 8 experts (96 -> 384 "
-            "-> 96, GELU), V-MoE's Batch Prioritized Router with k=1 and C=1.05 applied per modality (image "
-            "and text tokens have separate expert buffers). Losses per modality: importance and load "
-            "(0.005 each) and LIMoE's local entropy and global entropy (0.01 each; text's global entropy "
-            "thresholded at log 2). Importance and load weights are V-MoE's (google-research/vmoe "
-            "vmoe/configs/vmoe_paper/common.py); the entropy weights and the threshold are moezoo's: LIMoE's "
-            "own values were not found (arXiv 2206.02770 not recovered beyond its introduction; LIMoE's "
-            "training code is not public). In training the entropy losses are over every process's tokens."
-        ),
-        "limitations": (
-            "A demonstration-scale model on 930 training pairs whose captions are templated (character, font "
-            "family, style); zero-shot prompts use held-out templates and the test fonts are unseen, but the "
-            "vocabulary is tiny. Retrieval is among the 186 test pairs. Weights ship in float16."
-        ),
-    },
+    limitations=(
+        "A demonstration-scale model on 930 training pairs whose captions are templated (character, font "
+        "family, style); zero-shot prompts use held-out templates and the test fonts are unseen, but the "
+        "vocabulary is tiny. Retrieval is among the 186 test pairs. Weights ship in float16."
+    ),
     **LIMOE_TI_GLYPHS,
 )

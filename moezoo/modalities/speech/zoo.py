@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moezoo.modalities.speech.model import SpeechMoE
-from moezoo.zoo.registry import register_model, shipped_weights
+from moezoo.zoo.registry import ShippedEvaluation, register_model, register_shipped
 
 #: The tiny model of configs/speech/speechmoe_tiny_espeak.yaml.
 SPEECHMOE_TINY_ESPEAK = dict(
@@ -21,13 +21,10 @@ _INPUT_SPEC = {
     "input": "features (batch, frames, 40) and lengths (batch,)",
     "output": "CTC logits over 29 symbols: blank, space, apostrophe, a-z (moezoo.modalities.speech.CharTokenizer)",
 }
-_CARD = {
-    "dataset_name": "moezoo built-in eSpeak NG speech, held-out voices (seed 0)",
-    "datasets": ["moezoo-espeak-speech"],
-    "split": "test",
-    "task": "automatic-speech-recognition",
-    "card_metrics": ["cer"],
-}
+_HELDOUT_VOICES = ShippedEvaluation(
+    "moezoo.modalities.speech.evaluate:evaluate_espeak_heldout", task="automatic-speech-recognition", split="test",
+    dataset_name="moezoo built-in eSpeak NG speech, held-out voices (seed 0)",
+    datasets=("moezoo-espeak-speech",), card_metrics=("cer",))
 _LIMITS = (
     "Demonstration scale. The speech is synthetic: eSpeak NG's 8 English accents x 104 voice variants, "
     "digit strings and command phrases over a 24-word vocabulary, white noise at 10-40 dB SNR. Test "
@@ -36,80 +33,65 @@ _LIMITS = (
     "Weights ship in float16."
 )
 
-register_model(
+register_shipped(
     "speechmoe_tiny_espeak",
     SpeechMoE,
     modality="speech",
+    input_spec=_INPUT_SPEC,
     description="SpeechMoE CTC model (4 MoE+FSMN blocks, 4 experts, top-1, routers on [shared embedding; layer "
                 "input]) on the built-in eSpeak NG speech; trains on a CPU in minutes",
-    pretrained_cfg=shipped_weights("speechmoe_tiny_espeak", license="apache-2.0", input_spec=_INPUT_SPEC,
-                                   card="model_cards/speechmoe_tiny_espeak.md"),
-    evaluate="moezoo.modalities.speech.evaluate:evaluate_espeak_heldout",
-    card={
-        **_CARD,
-        "config": "configs/speech/speechmoe_tiny_espeak.yaml",
-        "tags": ["moezoo", "mixture-of-experts", "speechmoe", "automatic-speech-recognition", "ctc"],
-        "architecture": (
-            "Input: 40-dim Kaldi fbank, 3 frames stacked (30 ms output frames). Main network: linear "
-            "projection to width 128, 4 pre-LN blocks, each an MoE layer of 4 ReLU expert MLPs (128 -> 256 "
-            "-> 128) followed by an FSMN memory layer (4 past and 2 future taps), then a CTC head over 29 "
-            "symbols. Shared embedding network: its own projection to 64, 2 dense MLP+FSMN blocks and a "
-            "CTC head. Router of every MoE layer (`SpeechMoERouter`): softmax of a bias-free gate on "
-            "[embedding (detached); layer input], top-1 expert, output scaled by its probability, no "
-            "capacity. Losses: CTC + 0.01 x embedding CTC + sum over layers of 0.1 x sparsity L1 + "
-            "0.1 x mean importance."
-        ),
-        "limitations": _LIMITS,
-    },
+    evaluation=_HELDOUT_VOICES,
+    tags=["mixture-of-experts", "speechmoe", "automatic-speech-recognition", "ctc"],
+    architecture=(
+        "Input: 40-dim Kaldi fbank, 3 frames stacked (30 ms output frames). Main network: linear "
+        "projection to width 128, 4 pre-LN blocks, each an MoE layer of 4 ReLU expert MLPs (128 -> 256 "
+        "-> 128) followed by an FSMN memory layer (4 past and 2 future taps), then a CTC head over 29 "
+        "symbols. Shared embedding network: its own projection to 64, 2 dense MLP+FSMN blocks and a "
+        "CTC head. Router of every MoE layer (`SpeechMoERouter`): softmax of a bias-free gate on "
+        "[embedding (detached); layer input], top-1 expert, output scaled by its probability, no "
+        "capacity. Losses: CTC + 0.01 x embedding CTC + sum over layers of 0.1 x sparsity L1 + "
+        "0.1 x mean importance."
+    ),
+    limitations=_LIMITS,
     **SPEECHMOE_TINY_ESPEAK,
 )
 
-register_model(
+register_shipped(
     "speech_dense_tiny_espeak",
     SpeechMoE,
     modality="speech",
+    input_spec=_INPUT_SPEC,
     description="Dense baseline of speechmoe_tiny_espeak with equal parameters per frame (MLP width 302, no "
                 "routing, no embedding network)",
-    pretrained_cfg=shipped_weights("speech_dense_tiny_espeak", license="apache-2.0", input_spec=_INPUT_SPEC,
-                                   card="model_cards/speech_dense_tiny_espeak.md"),
-    evaluate="moezoo.modalities.speech.evaluate:evaluate_espeak_heldout",
-    card={
-        **_CARD,
-        "config": "configs/speech/speech_dense_tiny_espeak.yaml",
-        "tags": ["moezoo", "automatic-speech-recognition", "ctc", "dense-baseline"],
-        "architecture": (
-            "The speechmoe_tiny_espeak network without routing: 4 pre-LN blocks of a dense ReLU MLP (128 -> "
-            "302 -> 128) and an FSMN memory layer, CTC head over 29 symbols, no embedding network. Width "
-            "302 makes its parameters equal SpeechMoE's active parameters per frame (the embedding "
-            "network, routers and one expert per layer)."
-        ),
-        "limitations": _LIMITS,
-    },
+    evaluation=_HELDOUT_VOICES,
+    tags=["automatic-speech-recognition", "ctc", "dense-baseline"],
+    architecture=(
+        "The speechmoe_tiny_espeak network without routing: 4 pre-LN blocks of a dense ReLU MLP (128 -> "
+        "302 -> 128) and an FSMN memory layer, CTC head over 29 symbols, no embedding network. Width "
+        "302 makes its parameters equal SpeechMoE's active parameters per frame (the embedding "
+        "network, routers and one expert per layer)."
+    ),
+    limitations=_LIMITS,
     **SPEECH_DENSE_TINY_ESPEAK,
 )
 
-register_model(
+register_shipped(
     "speechmoe2_tiny_espeak",
     SpeechMoE,
     modality="speech",
+    input_spec=_INPUT_SPEC,
     description="SpeechMoE2 router variant of speechmoe_tiny_espeak: domain and accent embeddings (auxiliary "
                 "classifiers on the shared embedding) added to every router input",
-    pretrained_cfg=shipped_weights("speechmoe2_tiny_espeak", license="apache-2.0", input_spec=_INPUT_SPEC,
-                                   card="model_cards/speechmoe2_tiny_espeak.md"),
-    evaluate="moezoo.modalities.speech.evaluate:evaluate_espeak_heldout",
-    card={
-        **_CARD,
-        "config": "configs/speech/speechmoe2_tiny_espeak.yaml",
-        "tags": ["moezoo", "mixture-of-experts", "speechmoe2", "automatic-speech-recognition", "ctc"],
-        "architecture": (
-            "speechmoe_tiny_espeak's network with SpeechMoE2's router input: two utterance-level embeddings "
-            "of 16 dims, each tanh(Linear(mean and std over frames of the shared embedding)) with a "
-            "classifier trained by cross-entropy (weight 0.1): the domain (digit strings / command phrases) "
-            "and the accent (8 eSpeak English dialects). Every router sees [embedding; domain embedding; "
-            "accent embedding; layer input] (all but the layer input detached)."
-        ),
-        "limitations": _LIMITS,
-    },
+    evaluation=_HELDOUT_VOICES,
+    tags=["mixture-of-experts", "speechmoe2", "automatic-speech-recognition", "ctc"],
+    architecture=(
+        "speechmoe_tiny_espeak's network with SpeechMoE2's router input: two utterance-level embeddings "
+        "of 16 dims, each tanh(Linear(mean and std over frames of the shared embedding)) with a "
+        "classifier trained by cross-entropy (weight 0.1): the domain (digit strings / command phrases) "
+        "and the accent (8 eSpeak English dialects). Every router sees [embedding; domain embedding; "
+        "accent embedding; layer input] (all but the layer input detached)."
+    ),
+    limitations=_LIMITS,
     global_embeddings={"domain": 2, "accent": 8}, global_dim=16, **SPEECHMOE_TINY_ESPEAK,
 )
 

@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from moezoo.task import MoETask
 
-__all__ = ["CausalLMFineTuning", "LanguageModeling", "lm_loss"]
+__all__ = ["CausalLMFineTuning", "LanguageModeling", "lm_loss", "pop_split_nll"]
 
 
 def lm_loss(model: Callable[[Tensor], Tensor], batch: Tensor) -> tuple[Tensor, int]:
@@ -25,6 +25,16 @@ def lm_loss(model: Callable[[Tensor], Tensor], batch: Tensor) -> tuple[Tensor, i
     inputs, targets = batch[:, :-1], batch[:, 1:]
     logits = model(inputs)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1)), targets.numel()
+
+
+def pop_split_nll(metric: MeanMetric) -> Tensor | None:
+    """The token-weighted mean NLL a split's epoch accumulated in ``metric`` (None if it saw no batch),
+    resetting it for the next epoch."""
+    if metric.update_count == 0:
+        return None
+    nll = metric.compute()
+    metric.reset()
+    return nll
 
 
 class LanguageModeling(MoETask):
@@ -61,11 +71,9 @@ class LanguageModeling(MoETask):
         return loss, tokens
 
     def _epoch_end(self, stage: str) -> None:
-        metric = self.nll[stage + "_"]
-        if metric.update_count == 0:
+        nll = pop_split_nll(self.nll[stage + "_"])
+        if nll is None:
             return
-        nll = metric.compute()
-        metric.reset()
         self.log(f"{stage}/ppl", torch.exp(nll), prog_bar=stage == "val")
         self.log(f"{stage}/bpb", nll / math.log(2.0) / self._bytes_per_token(stage))
 

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from moezoo.checks import import_extra, require_float
+from moezoo.modalities.text.task import pop_split_nll
 from moezoo.task import MoETask
 
 __all__ = ["Translation", "label_smoothed_nll_loss"]
@@ -94,11 +95,9 @@ class Translation(MoETask):
         return None if total is None else total / batch_size
 
     def _epoch_end(self, stage: str) -> None:
-        metric = self.nll[stage + "_"]
-        if metric.update_count == 0:
+        nll = pop_split_nll(self.nll[stage + "_"])
+        if nll is None:
             return
-        nll = metric.compute()
-        metric.reset()
         self.log(f"{stage}/ppl", torch.exp(nll))
         sacrebleu = import_extra("sacrebleu", "text")
         bleu = sacrebleu.corpus_bleu(self.hypotheses, [self.references], tokenize=self.bleu_tokenize).score

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from moezoo.modalities.text.model import TransformerLM
-from moezoo.zoo.registry import register_model, shipped_weights
+from moezoo.zoo.registry import ShippedEvaluation, register_model, register_shipped
 
 #: Shared by the tiny entries: byte vocabulary, width 128, 4 blocks, context 128 (configs/text/lm_*_pydoc.yaml).
 TINY = dict(vocab_size=256, dim=128, depth=4, context_length=128, mlp_bias=False, head_bias=False)
@@ -56,38 +56,30 @@ TINY_ENTRIES = {
     ),
 }
 
+_PYDOC_VALIDATION = ShippedEvaluation(
+    "moezoo.modalities.text.evaluate:evaluate_pydoc", task="text-generation", split="validation",
+    dataset_name="CPython pydoc_data.topics (byte-level; validation = every 10th topic from the 4th)",
+    datasets=("pydoc-topics",), card_metrics=("perplexity", "bits_per_byte"))
+
 for name, (description, args, architecture, tags) in TINY_ENTRIES.items():
-    register_model(
+    register_shipped(
         name,
         TransformerLM,
         modality="text",
+        input_spec={"tokenizer": "bytes (UTF-8, vocabulary 256)", "context_length": 128},
         description=description,
-        pretrained_cfg=shipped_weights(
-            name,
-            license="apache-2.0",
-            input_spec={"tokenizer": "bytes (UTF-8, vocabulary 256)", "context_length": 128},
-            card=f"model_cards/{name}.md",
+        evaluation=_PYDOC_VALIDATION,
+        tags=["language-modeling", *tags],
+        architecture=architecture,
+        limitations=(
+            "A demonstration-scale model: 398 k training bytes of Python documentation, 600 steps on a CPU. "
+            "The corpus is CPython's pydoc_data.topics, whose text changes between CPython minor versions "
+            "(figures were measured on 3.11). Weights ship in float16. "
+            "These weights predate issue 24's changes to the text LMs (the authors' initialisation, MLP and "
+            "head biases): the entry and its config keep the earlier architecture so they load; a fresh fit "
+            "of the config starts from the authors' initialisation (README: the re-measured columns, "
+            "benchmarks/results/text_attention_moe_retrained.json)."
         ),
-        evaluate="moezoo.modalities.text.evaluate:evaluate_pydoc",
-        card={
-            "config": f"configs/text/{name}.yaml",
-            "dataset_name": "CPython pydoc_data.topics (byte-level; validation = every 10th topic from the 4th)",
-            "datasets": ["pydoc-topics"],
-            "split": "validation",
-            "tags": ["moezoo", "language-modeling", *tags],
-            "task": "text-generation",
-            "card_metrics": ["perplexity", "bits_per_byte"],
-            "architecture": architecture,
-            "limitations": (
-                "A demonstration-scale model: 398 k training bytes of Python documentation, 600 steps on a CPU. "
-                "The corpus is CPython's pydoc_data.topics, whose text changes between CPython minor versions "
-                "(figures were measured on 3.11). Weights ship in float16. "
-                "These weights predate issue 24's changes to the text LMs (the authors' initialisation, MLP and "
-                "head biases): the entry and its config keep the earlier architecture so they load; a fresh fit "
-                "of the config starts from the authors' initialisation (README: the re-measured columns, "
-                "benchmarks/results/text_attention_moe_retrained.json)."
-            ),
-        },
         **TINY,
         **args,
     )

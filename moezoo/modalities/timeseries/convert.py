@@ -44,12 +44,21 @@ def _mlp_from_reference(state: dict[str, Tensor], theirs: str, ours: str) -> Non
     state[ours + "fc2.weight"] = state.pop(needed[2])
 
 
+def _ffn_prefixes(state: dict[str, Tensor], suffix: str) -> list[str]:
+    """The ``...ffn_layer.`` prefixes of the keys ``<prefix><suffix>`` in ``state``."""
+    return [k[: -len(suffix)] for k in state if k.endswith("ffn_layer." + suffix)]
+
+
+#: (ours, the reference's) names of the MoE layers' router and shared-expert gate.
+_GATE_NAMES = (("router.gate.weight", "gate.weight"), ("shared_gate.weight", "shared_expert_gate.weight"))
+
+
 def to_reference(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """A TimeMoE state dict in the reference's key names and shapes (a new dict; tensors shared)."""
     out = dict(state)
-    for key in [k for k in state if k.endswith("ffn_layer.router.gate.weight")]:
-        prefix = key[: -len("router.gate.weight")]
-        out[prefix + "gate.weight"] = out.pop(key)
+    for prefix in _ffn_prefixes(state, "router.gate.weight"):
+        for ours, theirs in _GATE_NAMES:
+            out[prefix + theirs] = out.pop(prefix + ours)
         w_in, w_out = out.pop(prefix + "experts.w_in"), out.pop(prefix + "experts.w_out")
         for j in range(w_in.shape[0]):
             gate, up = w_in[j].t().chunk(2, dim=0)
@@ -57,9 +66,7 @@ def to_reference(state: dict[str, Tensor]) -> dict[str, Tensor]:
             out[f"{prefix}experts.{j}.up_proj.weight"] = up
             out[f"{prefix}experts.{j}.down_proj.weight"] = w_out[j].t()
         _mlp_to_reference(out, prefix + "shared.", prefix + "shared_expert.")
-        out[prefix + "shared_expert_gate.weight"] = out.pop(prefix + "shared_gate.weight")
-    for key in [k for k in out if k.endswith("ffn_layer.fc1.weight")]:
-        prefix = key[: -len("fc1.weight")]
+    for prefix in _ffn_prefixes(out, "fc1.weight"):
         _mlp_to_reference(out, prefix, prefix)
     return out
 
@@ -68,9 +75,9 @@ def from_reference(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """The inverse of :func:`to_reference` (a new dict; tensors shared). Expects a complete
     reference state (:func:`moezoo.zoo.checkpoint.load_state` checks it first)."""
     out = dict(state)
-    for key in [k for k in state if k.endswith("ffn_layer.gate.weight")]:
-        prefix = key[: -len("gate.weight")]
-        out[prefix + "router.gate.weight"] = out.pop(key)
+    for prefix in _ffn_prefixes(state, "gate.weight"):
+        for ours, theirs in _GATE_NAMES:
+            out[prefix + ours] = out.pop(prefix + theirs)
         count = sum(1 for k in state if re.fullmatch(re.escape(prefix) + r"experts\.\d+\.gate_proj\.weight", k))
         w_in, w_out = [], []
         for j in range(count):
@@ -81,9 +88,7 @@ def from_reference(state: dict[str, Tensor]) -> dict[str, Tensor]:
         out[prefix + "experts.w_in"] = torch.stack(w_in)
         out[prefix + "experts.w_out"] = torch.stack(w_out)
         _mlp_from_reference(out, prefix + "shared_expert.", prefix + "shared.")
-        out[prefix + "shared_gate.weight"] = out.pop(prefix + "shared_expert_gate.weight")
-    for key in [k for k in out if k.endswith("ffn_layer.gate_proj.weight")]:
-        prefix = key[: -len("gate_proj.weight")]
+    for prefix in _ffn_prefixes(out, "gate_proj.weight"):
         _mlp_from_reference(out, prefix, prefix)
     return out
 

@@ -378,8 +378,7 @@ class TimeMoE(nn.Module):
         """
         if context.dim() != 2 or context.shape[1] < 1:
             raise ValueError(f"forecast: context must have shape (batch, length >= 1), got {tuple(context.shape)}")
-        if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
-            raise ValueError(f"forecast: horizon must be an int >= 1, got {horizon!r}")
+        require_int("forecast", "horizon", horizon)
         dtype = self.lm_heads[0].out_layer.weight.dtype
         series = context.to(dtype)
         if normalize:

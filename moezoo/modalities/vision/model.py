@@ -11,6 +11,7 @@ from timm.layers import register_notrace_module
 from timm.models.vision_transformer import VisionTransformer, init_weights_vit_timm
 from torch import Tensor, nn
 
+from moezoo.checks import require_int
 from moezoo.layers.fine_grained import fine_grained_config
 from moezoo.layers.moe import MoE, RouterFactory
 from moezoo.layers.placement import moe_block_indices
@@ -37,10 +38,8 @@ class _ClassifierViT(VisionTransformer):
         if "act_layer" in timm_kwargs:
             raise ValueError(f"give the activation as activation= (one of {ACTIVATIONS}), not act_layer="
                              f"{timm_kwargs['act_layer']!r}: the experts use the same one")
-        if representation_size is not None and (
-            isinstance(representation_size, bool) or not isinstance(representation_size, int) or representation_size < 1
-        ):
-            raise ValueError(f"representation_size must be None or an int >= 1, got {representation_size!r}")
+        if representation_size is not None:
+            require_int(type(self).__name__, "representation_size", representation_size)
         super().__init__(act_layer=activation, **timm_kwargs)
         self.activation = activation
         self.representation_size = representation_size
@@ -141,13 +140,13 @@ class VisionTransformerMoE(_ClassifierViT):
         **timm_kwargs,
     ) -> None:
         super().__init__(activation=activation, representation_size=representation_size, **timm_kwargs)
+        owner = type(self).__name__
         for name, value in (("group_images", group_images), ("group_size", group_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+            if value is not None:
+                require_int(owner, name, value)
         if group_images is not None and group_size is not None:
             raise ValueError(f"give group_images or group_size, not both (got {group_images} and {group_size})")
-        if isinstance(ensemble_size, bool) or not isinstance(ensemble_size, int) or ensemble_size < 1:
-            raise ValueError(f"ensemble_size must be an int >= 1, got {ensemble_size!r}")
+        require_int(owner, "ensemble_size", ensemble_size)
         self.ensemble_size = ensemble_size
         self.moe_indices = moe_block_indices(len(self.blocks), moe_blocks)
         if ensemble_size > 1 and not self.moe_indices:
@@ -163,33 +162,17 @@ class VisionTransformerMoE(_ClassifierViT):
         fine = fine_grained_config(num_experts, k, hidden, granularity, shared_experts)
         if router is None:
             router = bpr_router_factory(
-                fine.k,
-                noise_std=noise_std,
-                capacity_factor=capacity_factor,
-                eval_capacity_factor=eval_capacity_factor,
-                batch_priority=batch_priority,
-                group_size=group_size,
-                capacity_multiple_of=capacity_multiple_of,
+                fine.k, noise_std=noise_std, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                batch_priority=batch_priority, group_size=group_size, capacity_multiple_of=capacity_multiple_of,
                 ensemble_size=ensemble_size,
             )
         weights = VMOE_LOSS_WEIGHTS if aux_loss_weights is None else aux_loss_weights
         for i in self.moe_indices:
             moe = VisionMoE(
-                self.embed_dim,
-                fine.hidden,
-                fine.num_experts,
-                router,
-                shared_experts=fine.shared_experts,
-                shared_hidden=fine.hidden,
-                group_images=group_images,
-                ensemble_size=ensemble_size,
-                activation=activation,
-                bias=True,
-                dropout=expert_dropout,
-                identical_init=identical_init,
-                backend=backend,
-                bfloat16_dispatch=bfloat16_dispatch,
-                aux_loss_weights=weights,
+                self.embed_dim, fine.hidden, fine.num_experts, router, shared_experts=fine.shared_experts,
+                shared_hidden=fine.hidden, group_images=group_images, ensemble_size=ensemble_size,
+                activation=activation, bias=True, dropout=expert_dropout, identical_init=identical_init,
+                backend=backend, bfloat16_dispatch=bfloat16_dispatch, aux_loss_weights=weights,
             )
             _init_vmoe(moe, identical_init)
             self.blocks[i].mlp = moe

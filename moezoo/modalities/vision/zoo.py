@@ -15,7 +15,7 @@ from moezoo.modalities.vision.timm_models import (
     vision_features,
 )
 from moezoo.modalities.vision.vmoe_checkpoint import GCS_HTTPS
-from moezoo.zoo.registry import ModelEntry, PretrainedCfg, shipped_weights
+from moezoo.zoo.registry import ModelEntry, PretrainedCfg, ShippedEvaluation, register_shipped
 from moezoo.zoo.registry import register_model as _register_model
 
 #: Every vision entry, in registration order (each is also a timm model, see timm_models).
@@ -68,45 +68,34 @@ for size, dims in VMOE_SIZES.items():
 #: The preprocessing and evaluation data of the shipped digits entries.
 _DIGITS_INPUT = {"image_size": 16, "channels": 1, "mean": 0.5, "std": 0.5, "pixel_range": "digits 0..16 scaled to [-1, 1]",
                  "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}
-_DIGITS_CARD = {
-    "dataset_name": "scikit-learn digits (UCI optdigits, 1,797 images, 8x8 upsampled to 16x16)",
-    "datasets": ["sklearn-digits"],
-    "split": "test",
-    "task": "image-classification",
-    "card_metrics": ["accuracy"],
-}
+_DIGITS_TEST = ShippedEvaluation(
+    "moezoo.modalities.vision.evaluate:evaluate_digits", task="image-classification", split="test",
+    dataset_name="scikit-learn digits (UCI optdigits, 1,797 images, 8x8 upsampled to 16x16)",
+    datasets=("sklearn-digits",), card_metrics=("accuracy",))
 
-register_model(
+register_shipped(
     "vmoe_ti_digits",
     VisionTransformerMoE,
     modality="vision",
+    input_spec=_DIGITS_INPUT,
+    register=register_model,
     description="V-MoE-Ti on scikit-learn digits (16px, E=8, k=2, every 2nd block); trains on a CPU in minutes",
-    pretrained_cfg=shipped_weights(
-        "vmoe_ti_digits",
-        license="apache-2.0",
-        input_spec=_DIGITS_INPUT,
-        card="model_cards/vmoe_ti_digits.md",
+    evaluation=_DIGITS_TEST,
+    tags=["mixture-of-experts", "v-moe", "image-classification", "batch-prioritized-routing"],
+    architecture=(
+        "ViT (timm `VisionTransformer`): 16x16 single-channel images, 4x4 patches (16 patches + class "
+        "token = 17 tokens), width 96, 6 pre-LN blocks, 3 heads. The MLPs of blocks 1, 3 and 5 "
+        "(V-MoE \"every 2\") are MoE layers of 8 experts (each the ViT MLP, 96 -> 384 -> 96, GELU), "
+        "identically initialised. Routing: V-MoE's `BatchPrioritizedRouter`, softmax then top-2, "
+        "noise std 1/8 in training, groups of 8 images (136 tokens), capacity ceil(2 * 136 * C / 8) "
+        "rounded up to a multiple of 4 with C = 1.05 (36 places), Batch Prioritized Routing on; "
+        "importance and load losses, 0.005 each."
     ),
-    evaluate="moezoo.modalities.vision.evaluate:evaluate_digits",
-    card={
-        "config": "configs/vision/vmoe_ti_digits.yaml",
-        **_DIGITS_CARD,
-        "tags": ["moezoo", "mixture-of-experts", "v-moe", "image-classification", "batch-prioritized-routing"],
-        "architecture": (
-            "ViT (timm `VisionTransformer`): 16x16 single-channel images, 4x4 patches (16 patches + class "
-            "token = 17 tokens), width 96, 6 pre-LN blocks, 3 heads. The MLPs of blocks 1, 3 and 5 "
-            "(V-MoE \"every 2\") are MoE layers of 8 experts (each the ViT MLP, 96 -> 384 -> 96, GELU), "
-            "identically initialised. Routing: V-MoE's `BatchPrioritizedRouter`, softmax then top-2, "
-            "noise std 1/8 in training, groups of 8 images (136 tokens), capacity ceil(2 * 136 * C / 8) "
-            "rounded up to a multiple of 4 with C = 1.05 (36 places), Batch Prioritized Routing on; "
-            "importance and load losses, 0.005 each."
-        ),
-        "limitations": (
-            "A demonstration-scale model: 8x8 digits from 13 writers, 270 test images (one image is 0.37 "
-            "points of accuracy). The evaluation routes batches of 64 images in groups of 8, so capacity "
-            "drops depend on batch composition. Weights ship in float16."
-        ),
-    },
+    limitations=(
+        "A demonstration-scale model: 8x8 digits from 13 writers, 270 test images (one image is 0.37 "
+        "points of accuracy). The evaluation routes batches of 64 images in groups of 8, so capacity "
+        "drops depend on batch composition. Weights ship in float16."
+    ),
     **VMOE_TI_DIGITS,
 )
 
@@ -115,32 +104,24 @@ register_model(
 VIT_TI_DIGITS = dict(img_size=16, patch_size=4, in_chans=1, num_classes=10, embed_dim=96, depth=6, num_heads=3,
                      mlp_ratio=6.0)
 
-register_model(
+register_shipped(
     "vit_ti_digits",
     VisionTransformer,
     modality="vision",
+    input_spec=_DIGITS_INPUT,
+    register=register_model,
     description="Dense ViT-Ti on scikit-learn digits with vmoe_ti_digits' active parameters (baseline, upcycling source)",
-    pretrained_cfg=shipped_weights(
-        "vit_ti_digits",
-        license="apache-2.0",
-        input_spec=_DIGITS_INPUT,
-        card="model_cards/vit_ti_digits.md",
+    evaluation=_DIGITS_TEST,
+    tags=["vit", "image-classification", "dense-baseline"],
+    architecture=(
+        "Dense ViT (timm `VisionTransformer`): 16x16 single-channel images, 4x4 patches + class token, "
+        "width 96, 6 pre-LN blocks, 3 heads, MLP ratio 6 so that its parameters per token equal the "
+        "active parameters of vmoe_ti_digits. No routing."
     ),
-    evaluate="moezoo.modalities.vision.evaluate:evaluate_digits",
-    card={
-        "config": "configs/vision/vit_ti_digits.yaml",
-        **_DIGITS_CARD,
-        "tags": ["moezoo", "vit", "image-classification", "dense-baseline"],
-        "architecture": (
-            "Dense ViT (timm `VisionTransformer`): 16x16 single-channel images, 4x4 patches + class token, "
-            "width 96, 6 pre-LN blocks, 3 heads, MLP ratio 6 so that its parameters per token equal the "
-            "active parameters of vmoe_ti_digits. No routing."
-        ),
-        "limitations": (
-            "A demonstration-scale baseline: 270 test images (one image is 0.37 points of accuracy). "
-            "Weights ship in float16."
-        ),
-    },
+    limitations=(
+        "A demonstration-scale baseline: 270 test images (one image is 0.37 points of accuracy). "
+        "Weights ship in float16."
+    ),
     **VIT_TI_DIGITS,
 )
 
@@ -169,11 +150,14 @@ def _input(size: int, pipeline: str) -> dict:
             "crop_mode": "squash" if squash else "center", "interpolation": "bilinear"}
 
 
+#: The light1 config's architecture and routing (the medium checkpoint's are assumed equal).
+_S32_LIGHT1 = dict(_VMOE_S32, img_size=224, num_classes=1000, representation_size=512, k=2, capacity_factor=1.05,
+                   eval_capacity_factor=4.0)
+
 #: name -> (architecture and routing, preprocessing, description, published results, notes)
 VMOE_RELEASES = {
     "vmoe_s32_last2_ilsvrc2012_randaug_light1": (
-        dict(_VMOE_S32, img_size=224, num_classes=1000, representation_size=512, k=2, capacity_factor=1.05,
-             eval_capacity_factor=4.0),
+        _S32_LIGHT1,
         _input(224, _RESIZE_SMALL),
         "V-MoE-S/32 (8 blocks), E=8 in blocks 5 and 7, k=2, trained on ILSVRC2012 with RandAugment (light1) for "
         "300 epochs, 224px",
@@ -191,8 +175,7 @@ VMOE_RELEASES = {
         "",
     ),
     "vmoe_s32_last2_ilsvrc2012_randaug_medium": (
-        dict(_VMOE_S32, img_size=224, num_classes=1000, representation_size=512, k=2, capacity_factor=1.05,
-             eval_capacity_factor=4.0),
+        _S32_LIGHT1,
         _input(224, _RESIZE_SMALL),
         "V-MoE-S/32, E=8 in blocks 5 and 7, k=2, trained on ILSVRC2012 with RandAugment (medium) for 1000 epochs, "
         "224px",
