@@ -31,7 +31,16 @@ ROUTERS = {
     "base": lambda d, e, k: R.BalancedAssignmentRouter(d, e),
     "sinkhorn": lambda d, e, k: R.SinkhornRouter(d, e, k=k),
     "sigmoid": lambda d, e, k: R.SigmoidRouter(d, e, k=k, bias_update_rate=0.01),
+    # One group of all experts, so that any k <= E is allowed.
+    "group_limited": lambda d, e, k: R.GroupLimitedRouter(d, e, k=k, num_groups=1, topk_group=1, group_top=1,
+                                                          bias_update_rate=0.01),
+    "dense_training": lambda d, e, k: R.DenseTrainingRouter(d, e, k=k),
+    "forced_balance": lambda d, e, k: R.ForcedBalanceRouter(d, e, k=k),
+    "dselect_k": lambda d, e, k: R.DSelectKRouter(d, e, k=k),
+    "sparse_mixer": lambda d, e, k: R.SparseMixerRouter(d, e),
 }
+#: Routers that need more than one expert (DSelect-k's binary codes; SparseMixer's fixed top-2).
+MIN_EXPERTS = {"dselect_k": 2, "sparse_mixer": 2}
 
 
 @settings(max_examples=60, deadline=None)
@@ -49,7 +58,8 @@ ROUTERS = {
 )
 def test_moe_outputs_finite_for_any_allowed_shape(router, batch, seq, dim, experts, k, gated, scale, training, seed):
     torch.manual_seed(seed)
-    k = min(k, experts)
+    experts = max(experts, MIN_EXPERTS.get(router, 1))
+    k = 2 if router == "sparse_mixer" else min(k, experts)
     layer = MoE(dim, 5, experts, ROUTERS[router](dim, experts, k), gated=gated, activation="silu")
     layer.train(training)
     x = (torch.randn(batch, seq, dim) * scale).requires_grad_()
@@ -60,7 +70,9 @@ def test_moe_outputs_finite_for_any_allowed_shape(router, batch, seq, dim, exper
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
     stats = layer.last_stats
     assert 0.0 <= float(stats["dropped_fraction"]) <= 1.0
-    assert stats["tokens_per_expert"].sum() <= batch * seq * max(k, 1) * (3 if router == "expert_choice" else 1)
+    # DSelect-k's smooth selectors and DS-MoE's dense training may reach every expert.
+    per_token = experts if router in ("dselect_k", "dense_training") else max(k, 1) * (3 if router == "expert_choice" else 1)
+    assert stats["tokens_per_expert"].sum() <= batch * seq * per_token
 
 
 @settings(max_examples=20, deadline=None)
