@@ -149,6 +149,18 @@ def test_card_is_generated_from_the_recorded_results(name):
     assert results["weights"]["sha256"] == entry.pretrained_cfg.sha256
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_entries_name_their_config_and_card_files(name):
+    """register_shipped derives the paths from the name; the files must be there under them."""
+    from moezoo.zoo.cards import REPO_ROOT
+
+    entry = get_entry(name)
+    assert entry.card["config"] == f"configs/{entry.modality}/{name}.yaml"
+    assert (REPO_ROOT / entry.card["config"]).is_file()
+    assert (REPO_ROOT / entry.pretrained_cfg.card) == card_path(name) and card_path(name).is_file()
+    assert callable(entry.evaluator())  # "module:function" resolves
+
+
 @pytest.mark.parametrize("name", sorted(set(list_models()) - set(SHIPPED)))
 def test_every_other_entry_has_a_card_that_says_it_is_not_measured(name):
     from moezoo.zoo.cards import results_path
